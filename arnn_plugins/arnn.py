@@ -1,0 +1,312 @@
+"""AttentionRNN and Block AttentionRNN (Khandelwal & Sigal, ICCV 2019, sec. 3).
+
+The whole layer, in order:
+
+1. local context ``Xc = K_c * X`` (a ``delta x delta`` conv, or any module),
+   with an optional query projected and broadcast over space, concatenated;
+2. input part of the LSTM gates for both directions in one 1x1 conv
+   (``K_x``; it commutes with skewing and mirroring, so it runs on the image);
+3. two diagonal LSTMs (:func:`arnn_plugins.scan.diagonal_lstm`): left-to-right
+   on the image (top-left quadrant) and on the mirrored image (top-right),
+   the second mirrored back and shifted down one row;
+4. per-direction Gaussian heads ``(mu, sigma)``, ``sigma > 0``;
+5. combination Gamma: learned per-location network, or the closed-form
+   product of the two Gaussians;
+6. output the mean, or a reparameterised sample.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .scan import BACKENDS, diagonal_lstm
+
+__all__ = ["AttentionRNN", "BlockAttentionRNN", "ARNNStats", "COMBINE_MODES"]
+
+COMBINE_MODES = ("learned", "independent")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ARNNStats(NamedTuple):
+    """Everything AttentionRNN computes per location; each field ``(B, 1, H, W)``."""
+
+    a: torch.Tensor
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    mu_l: torch.Tensor
+    sigma_l: torch.Tensor
+    mu_r: torch.Tensor
+    sigma_r: torch.Tensor
+
+
+def _positive(raw: torch.Tensor, floor: float) -> torch.Tensor:
+    return F.softplus(raw) + floor
+
+
+def product_of_gaussians(mu_l, sigma_l, mu_r, sigma_r):
+    """Closed-form product ``N(mu_l, sigma_l) N(mu_r, sigma_r) ∝ N(mu, sigma)``.
+
+    Precisions add, and the mean is the precision-weighted mean. All inputs
+    broadcast together; returns ``(mu, sigma)``.
+    """
+    var_l, var_r = sigma_l * sigma_l, sigma_r * sigma_r
+    total = var_l + var_r
+    mu = (mu_l * var_r + mu_r * var_l) / total
+    sigma = sigma_l * sigma_r / total.sqrt()
+    return mu, sigma
+
+
+def check_input(layer: str, x, in_channels: int, query=None, query_channels: int = 0) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``layer`` for a bad ``x`` or ``query``."""
+    expect = f"(B, {in_channels}, H, W)"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer}: expected input a torch.Tensor of shape {expect}, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{layer}: expected a floating point input of shape {expect}, got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{layer}: expected a 4-D input of shape {expect}, got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            f"{layer}: expected input of shape {expect} ({in_channels} channels), got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{layer}: expected a non-empty input of shape {expect}, got shape {tuple(x.shape)}")
+    if query_channels == 0:
+        if query is not None:
+            raise ValueError(f"{layer}: got a query but the layer was built with query_channels=0")
+        return
+    qexpect = f"({x.shape[0]}, {query_channels})"
+    if query is None:
+        raise ValueError(f"{layer}: a query of shape {qexpect} is required (query_channels={query_channels})")
+    if not isinstance(query, torch.Tensor) or query.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{layer}: expected a floating point query tensor of shape {qexpect}")
+    if query.dim() != 2 or query.shape[0] != x.shape[0] or query.shape[1] != query_channels:
+        raise ValueError(f"{layer}: expected query of shape {qexpect}, got shape {tuple(query.shape)}")
+
+
+class AttentionRNN(nn.Module):
+    """Structured spatial attention: ``a[i, j]`` conditioned on the raster-scan past.
+
+    Args:
+        in_channels: channels ``C`` of the input features.
+        hidden_channels: LSTM features ``t`` per direction.
+        context_kernel: odd size ``delta`` of the local context conv (1: the
+            location alone).
+        context_net: optional module ``(B, C, H, W) -> (B, Cc, H, W)`` used
+            instead of the context conv (e.g. a small U-Net).
+        context_channels: ``Cc``; defaults to ``hidden_channels``, or to
+            ``context_net.out_channels`` when that exists.
+        query_channels: size ``Q`` of an optional query vector; 0 for none.
+        combine: ``"learned"`` (paper's ARNN, a small per-location network) or
+            ``"independent"`` (closed-form product of Gaussians, ARNN_ind).
+        sample: draw ``a ~ N(mu, sigma)`` (reparameterised) in training mode
+            (ARNN~). In eval mode the mean is returned, so inference is
+            deterministic.
+        shift: shift the right-to-left direction down one row so that
+            ``a[i, j]`` sees only the raster-scan past. With ``shift=False``
+            it sees every row above and the whole of row ``i``.
+        backend: recurrence backend, one of ``"auto"``, ``"reference"``,
+            ``"fused"``, ``"triton"``.
+        combine_hidden: width of the learned combination network.
+        min_sigma: floor added to every predicted standard deviation.
+
+    Shape:
+        - x: ``(B, C, H, W)``; query: ``(B, Q)`` when ``query_channels > 0``.
+        - output: ``(B, 1, H, W)`` attention values before any gate, or an
+          :class:`ARNNStats` of such maps with ``return_stats=True``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int = 16,
+        context_kernel: int = 3,
+        context_net: Optional[nn.Module] = None,
+        context_channels: Optional[int] = None,
+        query_channels: int = 0,
+        combine: str = "learned",
+        sample: bool = False,
+        shift: bool = True,
+        backend: str = "auto",
+        combine_hidden: int = 16,
+        min_sigma: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"AttentionRNN: {name} must be a positive int, got {value!r}")
+        if not isinstance(query_channels, int) or isinstance(query_channels, bool) or query_channels < 0:
+            raise ValueError(f"AttentionRNN: query_channels must be an int >= 0, got {query_channels!r}")
+        if context_net is None and (
+            not isinstance(context_kernel, int) or context_kernel < 1 or context_kernel % 2 == 0
+        ):
+            raise ValueError(f"AttentionRNN: context_kernel must be an odd int >= 1, got {context_kernel!r}")
+        if context_net is not None and not isinstance(context_net, nn.Module):
+            raise TypeError(f"AttentionRNN: context_net must be an nn.Module, got {type(context_net).__name__}")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"AttentionRNN: combine must be one of {COMBINE_MODES}, got {combine!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"AttentionRNN: backend must be one of {BACKENDS}, got {backend!r}")
+        if min_sigma <= 0:
+            raise ValueError(f"AttentionRNN: min_sigma must be > 0, got {min_sigma!r}")
+
+        t = hidden_channels
+        if context_channels is None:
+            context_channels = getattr(context_net, "out_channels", None) if context_net is not None else t
+            if context_channels is None:
+                raise ValueError(
+                    "AttentionRNN: pass context_channels (the channels context_net outputs); "
+                    "context_net has no out_channels attribute"
+                )
+        self.in_channels = in_channels
+        self.hidden_channels = t
+        self.context_kernel = context_kernel if context_net is None else None
+        self.context_channels = context_channels
+        self.query_channels = query_channels
+        self.combine = combine
+        self.sample = sample
+        self.shift = shift
+        self.backend = backend
+        self.min_sigma = float(min_sigma)
+
+        if context_net is None:
+            context_net = nn.Conv2d(in_channels, context_channels, context_kernel, padding=context_kernel // 2)
+        self.context = context_net
+        self.query_proj = nn.Linear(query_channels, t) if query_channels else None
+        # K_x for both directions at once: channels [left 4t | right 4t].
+        self.input_proj = nn.Conv2d(context_channels + (t if query_channels else 0), 2 * 4 * t, 1)
+        # K_h per direction, a 2x1 kernel: [..., 0] upper neighbour, [..., 1] left.
+        self.weight_hh = nn.Parameter(torch.empty(2, 4 * t, t, 2))
+        # (mu, raw sigma) per direction from that direction's hidden state.
+        self.heads = nn.Conv2d(2 * t, 4, 1, groups=2)
+        if combine == "learned":
+            self.combiner = nn.Sequential(
+                nn.Conv2d(4, combine_hidden, 1), nn.Tanh(), nn.Conv2d(combine_hidden, 2, 1)
+            )
+        else:
+            self.combiner = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LSTM-style uniform init; forget-gate bias 1 in both directions."""
+        t = self.hidden_channels
+        bound = t ** -0.5
+        nn.init.uniform_(self.weight_hh, -bound, bound)
+        with torch.no_grad():
+            bias = self.input_proj.bias.view(2, 4, t)  # gate order [o, f, i, g]
+            bias.zero_()
+            bias[:, 1] = 1.0
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, hidden_channels={self.hidden_channels}"
+        if self.context_kernel is not None:
+            s += f", context_kernel={self.context_kernel}"
+        else:
+            s += f", context_channels={self.context_channels}"
+        if self.query_channels:
+            s += f", query_channels={self.query_channels}"
+        s += f", combine={self.combine!r}, sample={self.sample}, shift={self.shift}, backend={self.backend!r}"
+        return s
+
+    def forward(
+        self, x: torch.Tensor, query: Optional[torch.Tensor] = None, return_stats: bool = False
+    ):
+        """``(B, C, H, W)`` (+ query ``(B, Q)``) -> attention ``(B, 1, H, W)`` or :class:`ARNNStats`."""
+        check_input("AttentionRNN", x, self.in_channels, query, self.query_channels)
+        b, _, h, w = x.shape
+        t = self.hidden_channels
+        xc = self.context(x)
+        if xc.dim() != 4 or xc.shape[0] != b or xc.shape[1] != self.context_channels or xc.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"AttentionRNN: context_net must map (B, C, H, W) to (B, {self.context_channels}, H, W), "
+                f"got {tuple(xc.shape)} for input {tuple(x.shape)}"
+            )
+        if self.query_proj is not None:
+            q = self.query_proj(query.to(xc.dtype))
+            xc = torch.cat([xc, q[:, :, None, None].expand(b, t, h, w).to(xc.dtype)], dim=1)
+
+        gx = self.input_proj(xc).view(b, 2, 4 * t, h, w)
+        # The right-to-left direction scans the mirrored image.
+        gx = torch.stack([gx[:, 0], gx[:, 1].flip(-1)], dim=1)
+        hid = diagonal_lstm(gx, self.weight_hh, self.backend)  # (B, 2, t, H, W)
+        h_l, h_r = hid[:, 0], hid[:, 1].flip(-1)
+        if self.shift:
+            # Row i of the right direction may only see rows above i.
+            h_r = F.pad(h_r, (0, 0, 1, 0))[:, :, :h]
+
+        heads = self.heads(torch.cat([h_l, h_r], dim=1))
+        mu_l, sigma_l = heads[:, 0:1], _positive(heads[:, 1:2], self.min_sigma)
+        mu_r, sigma_r = heads[:, 2:3], _positive(heads[:, 3:4], self.min_sigma)
+        if self.combiner is None:
+            mu, sigma = product_of_gaussians(mu_l, sigma_l, mu_r, sigma_r)
+        else:
+            out = self.combiner(torch.cat([mu_l, sigma_l, mu_r, sigma_r], dim=1))
+            mu, sigma = out[:, 0:1], _positive(out[:, 1:2], self.min_sigma)
+
+        a = mu + sigma * torch.randn_like(mu) if (self.sample and self.training) else mu
+        if return_stats:
+            return ARNNStats(a, mu, sigma, mu_l, sigma_l, mu_r, sigma_r)
+        return a
+
+
+class BlockAttentionRNN(nn.Module):
+    """Block AttentionRNN (paper 3.3): attention on a ``gamma``-times smaller map.
+
+    A ``gamma x gamma`` conv with stride ``gamma`` shrinks the input, an
+    :class:`AttentionRNN` runs on the small map and a transposed conv brings
+    the mask back. Any ``H, W``: the input is zero-padded to a multiple of
+    ``gamma`` and the mask cropped back.
+
+    Args:
+        in_channels: channels ``C`` of the input.
+        block_size: ``gamma >= 1``.
+        **arnn_kwargs: passed to :class:`AttentionRNN`.
+
+    Shape:
+        ``(B, C, H, W)`` (+ query ``(B, Q)``) -> ``(B, 1, H, W)``, or
+        :class:`ARNNStats` whose fields are all ``(B, 1, H, W)`` (the
+        per-direction fields and ``sigma`` are repeated over each block).
+    """
+
+    def __init__(self, in_channels: int, block_size: int = 2, **arnn_kwargs) -> None:
+        super().__init__()
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"BlockAttentionRNN: block_size must be a positive int, got {block_size!r}")
+        self.in_channels = in_channels
+        self.block_size = block_size
+        self.arnn = AttentionRNN(in_channels, **arnn_kwargs)
+        self.down = nn.Conv2d(in_channels, in_channels, block_size, stride=block_size)
+        self.up = nn.ConvTranspose2d(1, 1, block_size, stride=block_size)
+
+    @property
+    def query_channels(self) -> int:
+        return self.arnn.query_channels
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, block_size={self.block_size}"
+
+    def forward(
+        self, x: torch.Tensor, query: Optional[torch.Tensor] = None, return_stats: bool = False
+    ):
+        """``(B, C, H, W)`` (+ query) -> ``(B, 1, H, W)`` or :class:`ARNNStats`."""
+        check_input("BlockAttentionRNN", x, self.in_channels, query, self.arnn.query_channels)
+        g = self.block_size
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, (-w) % g, 0, (-h) % g))
+        stats = self.arnn(self.down(x), query, return_stats=True)
+        a = self.up(stats.a)[..., :h, :w]
+        if not return_stats:
+            return a
+        return ARNNStats(
+            a, self.up(stats.mu)[..., :h, :w],
+            *(_repeat_blocks(m, g, h, w) for m in stats[2:]),
+        )
+
+
+def _repeat_blocks(m: torch.Tensor, g: int, h: int, w: int) -> torch.Tensor:
+    """``(B, 1, h', w')`` -> ``(B, 1, h, w)``: each value repeated over its block."""
+    return m.repeat_interleave(g, -2).repeat_interleave(g, -1)[..., :h, :w]
