@@ -1,0 +1,154 @@
+"""transformers vision backbones: ARNN gates in ResNet and ConvNeXt models.
+
+Two ``kind="insert"`` adapters, each gate an :class:`~arnn_plugins.ARNNGate`
+that is the identity at initialisation:
+
+- ``hf_resnet``: one gate on the output of every residual layer
+  (``ResNetBasicLayer`` / ``ResNetBottleNeckLayer``) of ``ResNetModel``,
+  ``ResNetForImageClassification`` and ``ResNetBackbone``; channels are the
+  layer's last conv's ``out_channels`` (``config.hidden_sizes[stage]``).
+  Per residual block, as for torchvision and the MMCV plugin slots.
+- ``hf_convnext``: one gate on the output of every stage (``ConvNextStage``,
+  ``ConvNextV2Stage``); channels from the stage's layers
+  (``config.hidden_sizes[stage]``). Per stage rather than per layer: a
+  ConvNeXt stage holds up to 27 cheap depthwise blocks, and a gate per block
+  would multiply the sequential scans for little gain.
+
+Option ``stages`` (popped before the rest goes to ARNN): which stages, read
+from the ``encoder.stages.<k>`` index in the module's name (``k + 1``), get
+gates: 1-based numbers (default ``(2, 3, 4)``, leaving out the largest
+maps), a bool per stage as in MMCV configs, or ``"all"``/``None``.
+
+Checkpoints: gates are children named ``arnn_gate`` of the blocks, so a
+checkpoint of the original model loads with ``from_pretrained`` first and
+the gates are inserted after it::
+
+    model = ResNetForImageClassification.from_pretrained(path)
+    arnn_plugins.insert_attention(model)
+
+``output_hidden_states``: transformers records ConvNeXt stage outputs with
+forward hooks of its own, installed at the first forward. If that forward
+ran before :func:`~arnn_plugins.insert_attention`, the recorded
+``hidden_states`` of a gated stage are taken before its gate; if the gates
+came first, after it. ``last_hidden_state``, the pooled output and the
+logits always include every gate. (ResNet's hidden states are collected
+per stage around the gated layers, so they always include the gates.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch.nn as nn
+
+from arnn_plugins.gate import ARNNGate
+from arnn_plugins.registry import register_adapter
+
+from ._stages import StagesArg, is_instance_of_loaded, parse_stages, stage_of
+
+if importlib.util.find_spec("transformers") is None:  # the registry skips hosts that are not installed
+    raise ImportError("transformers is not installed")
+
+__all__ = [
+    "RESNET_ADAPTER",
+    "CONVNEXT_ADAPTER",
+    "DEFAULT_STAGES",
+    "match_resnet",
+    "match_convnext",
+    "build_resnet",
+    "build_convnext",
+]
+
+RESNET_ADAPTER = "hf_resnet"
+CONVNEXT_ADAPTER = "hf_convnext"
+DEFAULT_STAGES = (2, 3, 4)
+_STAGE_PATTERN = r"stages\.(\d+)"
+
+_RESNET = ("transformers.models.resnet.modeling_resnet", ("ResNetBasicLayer", "ResNetBottleNeckLayer"))
+_CONVNEXT = (
+    ("transformers.models.convnext.modeling_convnext", ("ConvNextStage",)),
+    ("transformers.models.convnextv2.modeling_convnextv2", ("ConvNextV2Stage",)),
+)
+
+
+def match_resnet(module: nn.Module) -> bool:
+    """True for a transformers ``ResNetBasicLayer`` / ``ResNetBottleNeckLayer``."""
+    return is_instance_of_loaded(module, *_RESNET)
+
+
+def match_convnext(module: nn.Module) -> bool:
+    """True for a transformers ``ConvNextStage`` / ``ConvNextV2Stage``."""
+    return any(is_instance_of_loaded(module, mod, names) for mod, names in _CONVNEXT)
+
+
+def resnet_layer_out_channels(layer: nn.Module) -> int:
+    """Channels ``C`` of a ResNet layer's output ``(B, C, H, W)``."""
+    try:
+        conv = layer.layer[-1].convolution
+    except (AttributeError, IndexError, TypeError):
+        conv = None
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(
+            f"{RESNET_ADAPTER}: {type(layer).__name__} has no layer[-1].convolution Conv2d "
+            "to read its output channels from"
+        )
+    return conv.out_channels
+
+
+def convnext_stage_out_channels(stage: nn.Module) -> Optional[int]:
+    """Channels ``C`` of a ConvNeXt stage's output ``(B, C, H, W)``; ``None`` for an empty stage."""
+    layers = getattr(stage, "layers", None)
+    down = getattr(stage, "downsampling_layer", None)
+    if layers is not None and len(layers) > 0 and isinstance(getattr(layers[-1], "dwconv", None), nn.Conv2d):
+        return layers[-1].dwconv.out_channels
+    if down is not None and len(down) > 0 and isinstance(down[-1], nn.Conv2d):
+        return down[-1].out_channels
+    if (layers is None or len(layers) == 0) and (down is None or len(down) == 0):
+        return None  # depth 0 and no downsampling: the stage is the identity
+    raise TypeError(
+        f"{CONVNEXT_ADAPTER}: {type(stage).__name__} has neither layers[-1].dwconv nor a downsampling "
+        "Conv2d to read its output channels from"
+    )
+
+
+def _selected(name: str, stages: StagesArg, adapter: str) -> bool:
+    chosen = parse_stages(stages, adapter)
+    return chosen is None or stage_of(name, _STAGE_PATTERN, offset=1) in chosen
+
+
+def build_resnet(layer: nn.Module, name: str = "", stages: StagesArg = DEFAULT_STAGES, **arnn_kwargs):
+    """Gate for a ResNet layer with output ``(B, C, H, W)``, or ``None`` if its stage is left out.
+
+    ``arnn_kwargs`` go to :class:`~arnn_plugins.ARNNGate` (e.g.
+    ``hidden_channels``, ``block_size``).
+    """
+    if not _selected(name, stages, RESNET_ADAPTER):
+        return None
+    return ARNNGate(resnet_layer_out_channels(layer), **arnn_kwargs)
+
+
+def build_convnext(stage: nn.Module, name: str = "", stages: StagesArg = DEFAULT_STAGES, **arnn_kwargs):
+    """Gate for a ConvNeXt stage with output ``(B, C, H, W)``, or ``None`` if it is left out."""
+    if not _selected(name, stages, CONVNEXT_ADAPTER):
+        return None
+    channels = convnext_stage_out_channels(stage)
+    return None if channels is None else ARNNGate(channels, **arnn_kwargs)
+
+
+register_adapter(
+    RESNET_ADAPTER,
+    kind="insert",
+    match=match_resnet,
+    build=build_resnet,
+    description="ARNN gate after each transformers ResNet layer (stages: default (2, 3, 4))",
+    host="transformers",
+)
+register_adapter(
+    CONVNEXT_ADAPTER,
+    kind="insert",
+    match=match_convnext,
+    build=build_convnext,
+    description="ARNN gate after each transformers ConvNeXt / ConvNeXt V2 stage (stages: default (2, 3, 4))",
+    host="transformers",
+)
