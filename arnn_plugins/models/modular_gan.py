@@ -1,0 +1,564 @@
+"""ModularGAN (Zhao et al., ECCV 2018) for multi-attribute face editing, and CelebA.
+
+The generator is split into modules that can be composed:
+
+- encoder ``E``: image -> features ``f`` (conv, two stride-2 downsamplings);
+- one transformer module ``T_i`` per attribute: the target value, one-hot and
+  tiled over space, is concatenated to ``f``; a conv and residual blocks give
+  ``t``; a spatial mask ``g = mask(t)`` in ``[0, 1]`` decides where the edit
+  applies: ``f' = g * t + (1 - g) * f``. The baseline mask is
+  :class:`LocalMask` (3x3 conv + sigmoid); ``arnn_plugins.swap_attention``
+  swaps it for ARNN (``arnn_plugins/adapters/modular_gan.py``), the paper's
+  MGAN+ARNN (section 4.4);
+- reconstructor ``R``: features -> image (two stride-2 upsamplings, tanh);
+- discriminator ``D``: a patch real/fake head and an attribute classifier head.
+
+:class:`ModularGANTrainer` runs one discriminator and one generator step with
+WGAN-GP, attribute classification, reconstruction ``|R(E(x)) - x|`` and the
+feature cycle loss ``|E(R(f')) - f'|`` of ModularGAN.
+
+:class:`CelebA` reads the published ``img_align_celeba`` layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+__all__ = [
+    "LocalMask",
+    "ResidualBlock",
+    "MGANEncoder",
+    "TransformerModule",
+    "MGANReconstructor",
+    "MGANDiscriminator",
+    "ModularGAN",
+    "ModularGANTrainer",
+    "gradient_penalty",
+    "CelebA",
+    "MGAN_ATTRIBUTES",
+]
+
+# The paper's three attributes: hair colour (3 values), gender, smile.
+MGAN_ATTRIBUTES = (("Black_Hair", "Blond_Hair", "Brown_Hair"), "Male", "Smiling")
+
+
+def _norm(c: int) -> nn.Module:
+    return nn.InstanceNorm2d(c, affine=True, track_running_stats=False)
+
+
+def _check_image(name: str, x, channels: int, what: str = "images") -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name}: expected floating point {what} of shape (B, {channels}, H, W)")
+    if x.dim() != 4 or x.shape[1] != channels or 0 in x.shape:
+        raise ValueError(f"{name}: expected {what} of shape (B, {channels}, H, W), got {tuple(x.shape)}")
+
+
+class ResidualBlock(nn.Module):
+    """``x + IN(conv(ReLU(IN(conv(x)))))``; ``(B, C, H, W)`` -> ``(B, C, H, W)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), _norm(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), _norm(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, C, H, W)``."""
+        return x + self.body(x)
+
+
+class LocalMask(nn.Module):
+    """ModularGAN's spatial mask: ``g = sigmoid(conv_{k x k}(t))`` (k = 3).
+
+    Args:
+        in_channels: channels ``C`` of the transformed features.
+        kernel_size: odd local context size.
+
+    Shape:
+        ``(B, C, H, W)`` -> mask ``(B, 1, H, W)`` in ``[0, 1]``; :meth:`logits`
+        gives the values before the sigmoid.
+    """
+
+    def __init__(self, in_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"LocalMask: kernel_size must be an odd positive int, got {kernel_size!r}")
+        self.in_channels = in_channels
+        self.conv = nn.Conv2d(in_channels, 1, kernel_size, padding=kernel_size // 2)
+
+    def logits(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, 1, H, W)`` mask logits."""
+        _check_image("LocalMask", t, self.in_channels, "features")
+        return self.conv(t)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> mask ``(B, 1, H, W)`` in ``[0, 1]``."""
+        return torch.sigmoid(self.logits(t))
+
+
+class MGANEncoder(nn.Module):
+    """``E``: 7x7 conv, ``n_down`` stride-2 4x4 convs (channels doubling), residual blocks.
+
+    Shape:
+        ``(B, 3, H, W)`` -> ``(B, base * 2**n_down, H / 2**n_down, W / 2**n_down)``.
+    """
+
+    def __init__(self, in_channels: int = 3, base: int = 64, n_down: int = 2, n_res: int = 3) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        layers: List[nn.Module] = [nn.Conv2d(in_channels, base, 7, padding=3, bias=False), _norm(base), nn.ReLU(True)]
+        c = base
+        for _ in range(n_down):
+            layers += [nn.Conv2d(c, 2 * c, 4, stride=2, padding=1, bias=False), _norm(2 * c), nn.ReLU(True)]
+            c *= 2
+        layers += [ResidualBlock(c) for _ in range(n_res)]
+        self.net = nn.Sequential(*layers)
+        self.out_channels = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> features ``(B, C_f, h, w)``."""
+        _check_image("MGANEncoder", x, self.in_channels)
+        return self.net(x)
+
+
+class TransformerModule(nn.Module):
+    """``T_i``: edit features towards one value of one attribute, where its mask says.
+
+    Args:
+        channels: feature channels ``C_f``.
+        num_values: values of the attribute (2 for a binary one).
+        n_res: residual blocks.
+        mask: the mask module (default :class:`LocalMask`).
+
+    Shape:
+        ``f`` ``(B, C_f, h, w)``, ``value`` ``(B,)`` long in ``[0, num_values)``
+        -> ``(f', g)``: ``f' = g * t + (1 - g) * f`` ``(B, C_f, h, w)`` and the
+        mask ``g`` ``(B, 1, h, w)``.
+    """
+
+    def __init__(self, channels: int, num_values: int, n_res: int = 3, mask: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        if not isinstance(num_values, int) or num_values < 2:
+            raise ValueError(f"TransformerModule: num_values must be an int >= 2, got {num_values!r}")
+        self.channels = channels
+        self.num_values = num_values
+        self.inp = nn.Sequential(
+            nn.Conv2d(channels + num_values, channels, 3, padding=1, bias=False), _norm(channels), nn.ReLU(True)
+        )
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(n_res)])
+        self.mask = mask if mask is not None else LocalMask(channels)
+
+    def forward(self, f: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C_f, h, w)``, ``(B,)`` -> ``(f', g)``."""
+        _check_image("TransformerModule", f, self.channels, "features")
+        if not isinstance(value, torch.Tensor) or value.shape != (f.shape[0],) or value.is_floating_point():
+            raise ValueError(
+                f"TransformerModule: expected integer target values of shape ({f.shape[0]},), "
+                f"got {getattr(value, 'shape', type(value).__name__)}"
+            )
+        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= self.num_values):
+            raise ValueError(f"TransformerModule: target values must lie in [0, {self.num_values})")
+        c = F.one_hot(value.long(), self.num_values).to(f.dtype)[:, :, None, None].expand(-1, -1, *f.shape[2:])
+        t = self.blocks(self.inp(torch.cat([f, c], dim=1)))
+        g = self.mask(t)
+        return g * t + (1 - g) * f, g
+
+
+class MGANReconstructor(nn.Module):
+    """``R``: ``n_up`` stride-2 transposed convs (channels halving), 7x7 conv, tanh.
+
+    Shape:
+        ``(B, C_f, h, w)`` -> ``(B, 3, h * 2**n_up, w * 2**n_up)`` in ``[-1, 1]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 3, n_up: int = 2) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        layers: List[nn.Module] = []
+        c = in_channels
+        for _ in range(n_up):
+            layers += [nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1, bias=False), _norm(c // 2), nn.ReLU(True)]
+            c //= 2
+        layers += [nn.Conv2d(c, out_channels, 7, padding=3), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """``(B, C_f, h, w)`` -> images ``(B, 3, H, W)``."""
+        _check_image("MGANReconstructor", f, self.in_channels, "features")
+        return self.net(f)
+
+
+class MGANDiscriminator(nn.Module):
+    """``D``: stride-2 4x4 convs with leaky ReLU, a patch real/fake head and an attribute classifier.
+
+    Args:
+        image_size: input side ``S`` (a power of two >= 8).
+        num_values: values per attribute; the classifier outputs their sum.
+        base: channels of the first conv (doubling per layer).
+        n_layers: stride-2 convs; default ``min(6, log2(S) - 1)``.
+
+    Shape:
+        ``(B, 3, S, S)`` -> ``(src (B, 1, s, s), [logits (B, n_i) per attribute])``.
+    """
+
+    def __init__(
+        self, image_size: int, num_values: Sequence[int], base: int = 64, n_layers: Optional[int] = None,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if not isinstance(image_size, int) or image_size < 8 or image_size & (image_size - 1):
+            raise ValueError(f"MGANDiscriminator: image_size must be a power of two >= 8, got {image_size!r}")
+        if n_layers is None:
+            n_layers = min(6, int(math.log2(image_size)) - 1)
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.num_values = list(num_values)
+        layers: List[nn.Module] = []
+        c_in, c = in_channels, base
+        for _ in range(n_layers):
+            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.LeakyReLU(0.01)]
+            c_in, c = c, c * 2
+        self.net = nn.Sequential(*layers)
+        final = image_size // 2 ** n_layers
+        self.src = nn.Conv2d(c_in, 1, 3, padding=1, bias=False)
+        self.cls = nn.Conv2d(c_in, sum(self.num_values), final, bias=False)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``(B, 3, S, S)`` -> ``(src, [class logits per attribute])``."""
+        _check_image("MGANDiscriminator", x, self.in_channels)
+        if x.shape[2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"MGANDiscriminator: expected images of shape (B, {self.in_channels}, {self.image_size}, "
+                f"{self.image_size}), got {tuple(x.shape)}"
+            )
+        h = self.net(x)
+        cls = self.cls(h).flatten(1)
+        return self.src(h), list(cls.split(self.num_values, dim=1))
+
+
+class ModularGAN(nn.Module):
+    """ModularGAN: encoder, one transformer module per attribute, reconstructor, discriminator.
+
+    Args:
+        num_values: values per attribute, e.g. ``[3, 2, 2]`` for hair colour,
+            gender, smile (:attr:`CelebA.num_values` gives it).
+        image_size: image side ``S`` (power of two).
+        base: channels of the first encoder conv (64 in the paper; features
+            have ``4 * base`` channels).
+        n_res_encoder, n_res_transformer: residual blocks in ``E`` and each ``T_i``.
+        d_base: channels of the first discriminator conv.
+        attribute_names: optional names, for display.
+
+    Shape:
+        ``forward(x (B, 3, S, S), target (B, n_attr) long)`` -> edited images
+        ``(B, 3, S, S)``; see :meth:`generate` for masks and module subsets.
+    """
+
+    def __init__(
+        self,
+        num_values: Sequence[int],
+        image_size: int = 128,
+        base: int = 64,
+        n_res_encoder: int = 3,
+        n_res_transformer: int = 3,
+        d_base: int = 64,
+        attribute_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        super().__init__()
+        num_values = [int(n) for n in num_values]
+        if not num_values:
+            raise ValueError("ModularGAN: num_values must list at least one attribute")
+        if image_size % 4:
+            raise ValueError(f"ModularGAN: image_size must be a multiple of 4, got {image_size}")
+        self.num_values = num_values
+        self.image_size = image_size
+        self.attribute_names = list(attribute_names) if attribute_names else [f"attr{i}" for i in range(len(num_values))]
+        self.encoder = MGANEncoder(3, base, 2, n_res_encoder)
+        c = self.encoder.out_channels
+        self.transformers = nn.ModuleList(TransformerModule(c, n, n_res_transformer) for n in num_values)
+        self.reconstructor = MGANReconstructor(c, 3, 2)
+        self.discriminator = MGANDiscriminator(image_size, num_values, d_base)
+
+    def generator_parameters(self):
+        """Parameters of ``E``, every ``T_i`` and ``R`` (what the generator optimiser updates)."""
+        for m in (self.encoder, self.transformers, self.reconstructor):
+            yield from m.parameters()
+
+    def _check_target(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        n = len(self.num_values)
+        if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.shape != (x.shape[0], n):
+            raise ValueError(
+                f"ModularGAN: expected integer targets of shape ({x.shape[0]}, {n}), "
+                f"got {getattr(target, 'shape', type(target).__name__)}"
+            )
+
+    def transform(
+        self, f: torch.Tensor, target: torch.Tensor, attributes: Optional[Sequence[int]] = None
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Apply the chosen modules in order: ``(B, C_f, h, w)``, ``(B, n_attr)`` -> ``(f', [g (B, 1, h, w)])``."""
+        attributes = range(len(self.num_values)) if attributes is None else attributes
+        masks = []
+        for i in attributes:
+            f, g = self.transformers[i](f, target[:, i])
+            masks.append(g)
+        return f, masks
+
+    def generate(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        attributes: Optional[Sequence[int]] = None,
+        return_masks: bool = False,
+    ):
+        """Edit ``x`` towards ``target`` with the modules of ``attributes`` (default all).
+
+        ``(B, 3, S, S)``, ``(B, n_attr)`` -> ``(B, 3, S, S)``, plus the masks
+        ``[(B, 1, S/4, S/4)]`` of the applied modules with ``return_masks``.
+        """
+        self._check_target(x, target)
+        f, masks = self.transform(self.encoder(x), target, attributes)
+        y = self.reconstructor(f)
+        return (y, masks) if return_masks else y
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, attributes: Optional[Sequence[int]] = None):
+        """``(B, 3, S, S)``, ``(B, n_attr)`` -> edited images ``(B, 3, S, S)``."""
+        return self.generate(x, target, attributes)
+
+
+def gradient_penalty(discriminator: MGANDiscriminator, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP: ``E[(||grad D_src(x_hat)||_2 - 1)^2]`` on random interpolates of ``real`` and ``fake`` ``(B, 3, S, S)``."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    src, _ = discriminator(x_hat)
+    (grad,) = torch.autograd.grad(src.sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+class ModularGANTrainer:
+    """One discriminator step and one generator step per call (Adam, WGAN-GP).
+
+    Discriminator: ``-D(x) + D(G(x, c)) + l_gp GP + l_cls CE(D_cls(x), labels)``.
+    Generator: ``-D(G(x, c)) + l_cls CE(D_cls(G(x, c)), c) + l_rec |R(E(x)) - x|
+    + l_cyc |E(R(f')) - f'|`` with ``f'`` the transformed features.
+
+    Args:
+        model: a :class:`ModularGAN`.
+        lr, betas: Adam settings for both optimisers.
+        lambda_cls, lambda_rec, lambda_cyc, lambda_gp: loss weights.
+    """
+
+    def __init__(
+        self,
+        model: ModularGAN,
+        lr: float = 1e-4,
+        betas: Tuple[float, float] = (0.5, 0.999),
+        lambda_cls: float = 1.0,
+        lambda_rec: float = 10.0,
+        lambda_cyc: float = 10.0,
+        lambda_gp: float = 10.0,
+    ) -> None:
+        if not isinstance(model, ModularGAN):
+            raise TypeError(f"ModularGANTrainer: expected a ModularGAN, got {type(model).__name__}")
+        self.model = model
+        self.lambda_cls, self.lambda_rec, self.lambda_cyc, self.lambda_gp = lambda_cls, lambda_rec, lambda_cyc, lambda_gp
+        self.opt_g = torch.optim.Adam(list(model.generator_parameters()), lr=lr, betas=betas)
+        self.opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=betas)
+
+    def refresh_optimizer(self, lr: Optional[float] = None) -> None:
+        """Rebuild the generator optimiser, e.g. after ``swap_attention`` added parameters."""
+        lr = lr if lr is not None else self.opt_g.param_groups[0]["lr"]
+        betas = self.opt_g.param_groups[0]["betas"]
+        self.opt_g = torch.optim.Adam(list(self.model.generator_parameters()), lr=lr, betas=betas)
+
+    def _cls_loss(self, logits: List[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits)) / len(logits)
+
+    def random_target(self, labels: torch.Tensor) -> torch.Tensor:
+        """A random value per attribute and sample: ``(B, n_attr)`` long."""
+        cols = [torch.randint(n, (labels.shape[0],), device=labels.device) for n in self.model.num_values]
+        return torch.stack(cols, dim=1)
+
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, target: Optional[torch.Tensor] = None
+    ) -> Dict[str, float]:
+        """One D and one G update on ``images`` ``(B, 3, S, S)`` with ``labels`` ``(B, n_attr)``.
+
+        Returns the losses as floats: ``d_loss``, ``d_adv``, ``d_cls``, ``gp``,
+        ``g_loss``, ``g_adv``, ``g_cls``, ``rec``, ``cyc``.
+        """
+        m = self.model
+        m._check_target(images, labels)
+        if target is None:
+            target = self.random_target(labels)
+        m._check_target(images, target)
+        m.train()
+
+        # Discriminator.
+        with torch.no_grad():
+            fake = m.generate(images, target)
+        src_r, cls_r = m.discriminator(images)
+        src_f, _ = m.discriminator(fake)
+        d_adv = src_f.mean() - src_r.mean()
+        d_cls = self._cls_loss(cls_r, labels)
+        gp = gradient_penalty(m.discriminator, images, fake)
+        d_loss = d_adv + self.lambda_cls * d_cls + self.lambda_gp * gp
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+
+        # Generator (D's gradients are computed but not applied).
+        f = m.encoder(images)
+        rec = (m.reconstructor(f) - images).abs().mean()
+        f_t, _ = m.transform(f, target)
+        fake = m.reconstructor(f_t)
+        src_f, cls_f = m.discriminator(fake)
+        g_adv = -src_f.mean()
+        g_cls = self._cls_loss(cls_f, target)
+        cyc = (m.encoder(fake) - f_t).abs().mean()
+        g_loss = g_adv + self.lambda_cls * g_cls + self.lambda_rec * rec + self.lambda_cyc * cyc
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        m.discriminator.zero_grad(set_to_none=True)
+
+        out = dict(d_loss=d_loss, d_adv=d_adv, d_cls=d_cls, gp=gp, g_loss=g_loss, g_adv=g_adv, g_cls=g_cls, rec=rec, cyc=cyc)
+        return {k: float(v.detach()) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------
+# CelebA
+
+
+def _find(root: str, *candidates: str) -> Optional[str]:
+    for c in candidates:
+        p = os.path.join(root, c)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def read_celeba_attributes(path: str) -> Tuple[List[str], List[str], np.ndarray]:
+    """Parse ``list_attr_celeba.txt``: ``(attribute names, file names, values (N, 40) in {-1, 1})``."""
+    with open(path, "r") as f:
+        lines = [ln.split() for ln in f.read().splitlines()]
+    if len(lines) < 2:
+        raise ValueError(f"CelebA: {path} must start with a count line and an attribute-name line")
+    names = lines[1]
+    files, rows = [], []
+    for parts in lines[2:]:
+        if not parts:
+            continue
+        if len(parts) != len(names) + 1:
+            raise ValueError(f"CelebA: {path}: expected a file name and {len(names)} values, got {' '.join(parts)!r}")
+        files.append(parts[0])
+        rows.append([int(v) for v in parts[1:]])
+    values = np.asarray(rows, dtype=np.int64).reshape(len(rows), len(names))
+    return names, files, values
+
+
+class CelebA(Dataset):
+    """CelebA in its published layout, with chosen attributes.
+
+    ``root`` holds ``img_align_celeba/*.jpg`` and ``list_attr_celeba.txt``
+    (also found under ``Img/`` and ``Anno/``), and for ``split`` also
+    ``list_eval_partition.txt`` (``Eval/``; 0 train, 1 valid, 2 test).
+
+    Args:
+        root: data set folder.
+        attributes: each entry a binary attribute name (values 0 = -1 in the
+            file, 1 = 1), or a tuple of names forming one categorical
+            attribute (value = index of the one that is 1; images where not
+            exactly one is 1 are left out). Default: hair colour
+            (black/blond/brown), ``Male``, ``Smiling``.
+        image_size: output side ``S``.
+        crop_size: centre crop before resizing (178 for the aligned faces).
+        split: ``None`` (all), ``"train"``, ``"valid"`` or ``"test"``.
+        flip: random horizontal flips.
+
+    Items:
+        ``(image (3, S, S) float in [-1, 1], labels (n_attr,) long)``.
+    """
+
+    SPLITS = {"train": 0, "valid": 1, "test": 2}
+
+    def __init__(
+        self,
+        root: str,
+        attributes: Sequence[Union[str, Sequence[str]]] = MGAN_ATTRIBUTES,
+        image_size: int = 128,
+        crop_size: int = 178,
+        split: Optional[str] = None,
+        flip: bool = False,
+    ) -> None:
+        root = os.fspath(root)
+        attr_file = _find(root, "list_attr_celeba.txt", os.path.join("Anno", "list_attr_celeba.txt"))
+        img_dir = _find(root, "img_align_celeba", os.path.join("Img", "img_align_celeba"))
+        if attr_file is None or img_dir is None:
+            raise ValueError(f"CelebA: expected img_align_celeba/ and list_attr_celeba.txt in {root}")
+        names, files, values = read_celeba_attributes(attr_file)
+        col = {n: i for i, n in enumerate(names)}
+        specs = [(a,) if isinstance(a, str) else tuple(a) for a in attributes]
+        if not specs:
+            raise ValueError("CelebA: attributes must not be empty")
+        for spec in specs:
+            for n in spec:
+                if n not in col:
+                    raise ValueError(f"CelebA: unknown attribute {n!r}; the file has {names}")
+        keep = np.ones(len(files), dtype=bool)
+        labels = np.zeros((len(files), len(specs)), dtype=np.int64)
+        for j, spec in enumerate(specs):
+            pos = values[:, [col[n] for n in spec]] == 1
+            if len(spec) == 1:
+                labels[:, j] = pos[:, 0]
+            else:
+                keep &= pos.sum(1) == 1
+                labels[:, j] = pos.argmax(1)
+        if split is not None:
+            if split not in self.SPLITS:
+                raise ValueError(f"CelebA: split must be one of {list(self.SPLITS)} or None, got {split!r}")
+            part_file = _find(root, "list_eval_partition.txt", os.path.join("Eval", "list_eval_partition.txt"))
+            if part_file is None:
+                raise ValueError(f"CelebA: split={split!r} needs list_eval_partition.txt in {root}")
+            with open(part_file) as fh:
+                part = dict(ln.split() for ln in fh.read().splitlines() if ln.strip())
+            keep &= np.array([int(part.get(f, -1)) == self.SPLITS[split] for f in files], dtype=bool)
+        self.root = root
+        self.img_dir = img_dir
+        self.files = [f for f, k in zip(files, keep) if k]
+        self.labels = torch.from_numpy(labels[keep])
+        self.attribute_names = ["|".join(s) for s in specs]
+        self.num_values = [2 if len(s) == 1 else len(s) for s in specs]
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_image(self, idx: int) -> torch.Tensor:
+        """Image ``idx`` centre-cropped, resized (and maybe flipped): ``(3, S, S)`` in ``[-1, 1]``."""
+        from PIL import Image
+
+        with Image.open(os.path.join(self.img_dir, self.files[idx])) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            c = min(self.crop_size, w, h)
+            left, top = (w - c) // 2, (h - c) // 2
+            im = im.crop((left, top, left + c, top + c)).resize((self.image_size,) * 2, Image.BILINEAR)
+            if self.flip and random.random() < 0.5:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            arr = np.asarray(im, dtype=np.float32)
+        return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+    def __getitem__(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.load_image(idx), self.labels[idx]
