@@ -27,12 +27,14 @@ the gates are inserted after it::
     arnn_plugins.insert_attention(model)
 
 ``output_hidden_states``: transformers records ConvNeXt stage outputs with
-forward hooks of its own, installed at the first forward. If that forward
-ran before :func:`~arnn_plugins.insert_attention`, the recorded
-``hidden_states`` of a gated stage are taken before its gate; if the gates
-came first, after it. ``last_hidden_state``, the pooled output and the
-logits always include every gate. (ResNet's hidden states are collected
-per stage around the gated layers, so they always include the gates.)
+forward hooks of its own, installed at the first forward that asks for
+hidden states. Hooks run in the order they were registered, so if such a
+forward ran before :func:`~arnn_plugins.insert_attention`, the recorded
+``hidden_states`` of a gated stage are taken before its gate; insert the
+gates first (the usual order) and they are taken after it.
+``last_hidden_state``, the pooled output and the logits always include
+every gate. (ResNet's hidden states are stage outputs, collected around the
+gated layers, so they always include the gates.)
 """
 
 from __future__ import annotations
