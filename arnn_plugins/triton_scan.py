@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -119,15 +120,23 @@ if HAS_TRITON:
 
         hid = tl.zeros((BH, BT), dtype=wu_o.dtype)
         cell = tl.zeros((BH, BT), dtype=wu_o.dtype)
-        x_feat = feat[None, :].to(tl.int64) * sx_c
+        row_ok = rows < H
+        # Pointers of row i at step 0 (column j = -i); step k adds k columns.
+        x_start = (
+            gx_ptr + x_base + feat[None, :].to(tl.int64) * sx_c
+            + (rows.to(tl.int64) * (sx_h - sx_w))[:, None]
+        )
         x_gate = T * sx_c
+        pix0 = (rows * (W - 1))[:, None]
+        h_start = h_ptr + h_base + pix0 * T + feat[None, :]
+        c_start = c_ptr + h_base + pix0 * T + feat[None, :]
+        a_start = act_ptr + a_base + pix0 * (4 * T) + feat[None, :]
         for k in range(0, n_steps):
             col = k - rows
-            valid = (rows < H) & (col >= 0) & (col < W)
+            valid = row_ok & (col >= 0) & (col < W)
             m = valid[:, None] & fmask[None, :]
-            x_ptrs = gx_ptr + x_base + x_feat + (rows.to(tl.int64) * sx_h + col * sx_w)[:, None]
-            pix = (rows * W + col)[:, None]
-            h_ptrs = h_ptr + h_base + pix * T + feat[None, :]
+            x_ptrs = x_start + k * sx_w
+            h_ptrs = h_start + k * T
             a_o = tl.load(x_ptrs, mask=m, other=0.0)
             a_f = tl.load(x_ptrs + x_gate, mask=m, other=0.0)
             a_i = tl.load(x_ptrs + 2 * x_gate, mask=m, other=0.0)
@@ -155,8 +164,8 @@ if HAS_TRITON:
 
             tl.store(h_ptrs, hid, mask=m)
             if SAVE:
-                tl.store(c_ptr + h_base + pix * T + feat[None, :], cell, mask=m)
-                a_ptrs = act_ptr + a_base + pix * (4 * T) + feat[None, :]
+                tl.store(c_start + k * T, cell, mask=m)
+                a_ptrs = a_start + k * (4 * T)
                 tl.store(a_ptrs, o, mask=m)
                 tl.store(a_ptrs + T, f, mask=m)
                 tl.store(a_ptrs + 2 * T, i_, mask=m)
@@ -190,16 +199,23 @@ if HAS_TRITON:
         # which this row handled one step earlier in the reverse scan.
         dh_right = tl.zeros((BH, BT), dtype=wu_o.dtype)
         dc_right = tl.zeros((BH, BT), dtype=wu_o.dtype)
-        dh_feat = feat[None, :].to(tl.int64) * sd_c
+        row_ok = rows < H
+        dh_start = (
+            dh_ptr + dh_base + feat[None, :].to(tl.int64) * sd_c
+            + (rows.to(tl.int64) * (sd_h - sd_w))[:, None]
+        )
+        pix0 = (rows * (W - 1))[:, None]
+        c_start = c_ptr + h_base + pix0 * T + feat[None, :]
+        a_start = act_ptr + a_base + pix0 * (4 * T) + feat[None, :]
+        g_start = dgx_ptr + a_base + pix0 * (4 * T) + feat[None, :]
         for kk in range(0, n_steps):
             k = n_steps - 1 - kk
             col = k - rows
-            valid = (rows < H) & (col >= 0) & (col < W)
+            valid = row_ok & (col >= 0) & (col < W)
             m = valid[:, None] & fmask[None, :]
-            pix = (rows * W + col)[:, None]
-            g_ptrs = dgx_ptr + a_base + pix * (4 * T) + feat[None, :]
-            a_ptrs = act_ptr + a_base + pix * (4 * T) + feat[None, :]
-            c_ptrs = c_ptr + h_base + pix * T + feat[None, :]
+            g_ptrs = g_start + k * (4 * T)
+            a_ptrs = a_start + k * (4 * T)
+            c_ptrs = c_start + k * T
 
             o = tl.load(a_ptrs, mask=m, other=0.0)
             f = tl.load(a_ptrs + T, mask=m, other=0.0)
@@ -207,8 +223,7 @@ if HAS_TRITON:
             g = tl.load(a_ptrs + 3 * T, mask=m, other=0.0)
             cell = tl.load(c_ptrs, mask=m, other=0.0)
             c_left = tl.load(c_ptrs - T, mask=m & (col >= 1)[:, None], other=0.0)
-            dh_ptrs = dh_ptr + dh_base + dh_feat + (rows.to(tl.int64) * sd_h + col * sd_w)[:, None]
-            dh = tl.load(dh_ptrs, mask=m, other=0.0) + dh_right
+            dh = tl.load(dh_start + k * sd_w, mask=m, other=0.0) + dh_right
 
             # (i + 1, j): its gate gradient was stored at step k + 1, before the barrier.
             below = m & (rows + 1 < H)[:, None]
@@ -242,14 +257,23 @@ if HAS_TRITON:
             tl.debug_barrier()
 
 
-def _interpreting() -> bool:
+def _detect_interpreter() -> bool:
     if not HAS_TRITON:
         return False
     try:
         from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - layout of older Triton releases
+    except ImportError:  # pragma: no cover - layout of other Triton releases
         return False
     return isinstance(_diag_lstm_fwd_kernel, InterpretedFunction)
+
+
+# Fixed when the kernels were decorated (at import), whatever the environment says later.
+_INTERPRETED = _detect_interpreter()
+
+
+def _interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter (CPU tensors, numpy)."""
+    return _INTERPRETED
 
 
 def triton_scan_supported(device: torch.device) -> bool:
@@ -334,8 +358,13 @@ def _forward(
 
 
 def _backward(
-    grad_h: torch.Tensor, hid: torch.Tensor, cell: torch.Tensor, act: torch.Tensor, weight_hh: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad_h: torch.Tensor,
+    hid: torch.Tensor,
+    cell: torch.Tensor,
+    act: torch.Tensor,
+    weight_hh: torch.Tensor,
+    need_weight_grad: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of the scan.
 
     Args:
@@ -346,7 +375,7 @@ def _backward(
 
     Returns:
         ``grad_gx`` ``(B, D, 4t, H, W)`` (a channels-last view) and
-        ``grad_weight_hh`` ``(D, 4t, t, 2)``.
+        ``grad_weight_hh`` ``(D, 4t, t, 2)`` (``None`` unless ``need_weight_grad``).
     """
     b, d, h, w, t = hid.shape
     g4 = 4 * t
@@ -363,6 +392,9 @@ def _backward(
             BH=bh, BT=bt, LIBDEVICE=not _interpreting(), PREC=_PRECISION,
             num_warps=num_warps, num_stages=1,
         )
+    grad_gx_view = grad_gx.permute(0, 1, 4, 2, 3)
+    if not need_weight_grad:
+        return grad_gx_view, None
     # dK_h[..., 0] = sum over cells of d_gates (x) h(i - 1, j), dK_h[..., 1]
     # likewise with h(i, j - 1): a batched matmul over the pixels of every
     # (batch, direction) pair, then a sum over the batch. No sequential
@@ -374,7 +406,7 @@ def _backward(
         [torch.bmm(gg, h_up.reshape(b * d, h * w, t)), torch.bmm(gg, h_left.reshape(b * d, h * w, t))],
         dim=-1,
     )
-    return grad_gx.permute(0, 1, 4, 2, 3), grad_w.view(b, d, g4, t, 2).sum(0)
+    return grad_gx_view, grad_w.view(b, d, g4, t, 2).sum(0)
 
 
 class _TritonScan(torch.autograd.Function):
@@ -385,13 +417,11 @@ class _TritonScan(torch.autograd.Function):
         return hid.permute(0, 1, 4, 2, 3)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_h):
         hid, cell, act, weight_hh = ctx.saved_tensors
-        grad_gx, grad_w = _backward(grad_h, hid, cell, act, weight_hh)
-        return (
-            grad_gx if ctx.needs_input_grad[0] else None,
-            grad_w if ctx.needs_input_grad[1] else None,
-        )
+        grad_gx, grad_w = _backward(grad_h, hid, cell, act, weight_hh, ctx.needs_input_grad[1])
+        return (grad_gx if ctx.needs_input_grad[0] else None), grad_w
 
 
 def triton_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
