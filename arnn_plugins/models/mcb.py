@@ -69,9 +69,11 @@ def count_sketch(x: torch.Tensor, h: torch.Tensor, s: torch.Tensor, dim: int) ->
 def signed_sqrt_l2(y: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
     """``sign(y) sqrt(|y|)`` then L2 normalisation along ``dim`` (as after every MCB in Fukui et al.).
 
-    The square root gets a tiny floor so its gradient stays finite at 0.
+    The square root is shifted by a tiny ``eps`` so its gradient stays finite
+    at 0, and shifted back so the map stays continuous there (empty sketch
+    bins hold rounding noise of either sign).
     """
-    y = torch.sign(y) * torch.sqrt(y.abs() + eps)
+    y = torch.sign(y) * (torch.sqrt(y.abs() + eps) - eps ** 0.5)
     return F.normalize(y, dim=dim)
 
 
