@@ -24,10 +24,10 @@ Other options go through a class instead of a name, e.g.
 
 How: timm modules bind ``get_attn`` by import (``timm.layers``,
 ``timm.models.layers``, ``timm.models.cspnet``, ``_efficientnet_builder``,
-``resnet``, ...), so every module in ``sys.modules`` whose namespace holds the
-original function gets the patched one; ``create_attn`` looks ``get_attn`` up
-in its own module at call time, so it follows (``timm.models.resnet`` and
-``sknet`` import ``create_attn`` directly). :func:`disable` puts the original
+``resnet``, ...), so every module in ``sys.modules`` whose global ``get_attn``
+is the original function gets the patched one; ``create_attn`` looks
+``get_attn`` up in its own module at call time, so it follows
+(``timm.models.resnet`` and ``sknet`` import ``create_attn`` directly). :func:`disable` puts the original
 back wherever the patched function is found, including modules imported
 while the patch was on. Unknown names still reach timm's own ``get_attn``, so
 they fail exactly as without the patch.
@@ -45,6 +45,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 __all__ = ["ATTN_LAYERS", "enable", "disable", "is_enabled", "patched"]
 
+_NAME = "get_attn"
 _lock = threading.RLock()
 # (original get_attn, patched get_attn) while enabled.
 _state: Optional[Tuple[Callable, Callable]] = None
@@ -73,21 +74,22 @@ def _make_get_attn(original: Callable, layers: Dict[str, type]) -> Callable:
     return get_attn
 
 
-def _holders(fn: Callable) -> List[Tuple[ModuleType, str]]:
-    """(module, attribute) for every loaded module whose namespace binds ``fn``."""
+def _holders(fn: Callable) -> List[ModuleType]:
+    """Every loaded module whose global ``get_attn`` is ``fn``.
+
+    Only that name: a module keeping the function under another name (say, to
+    compare against) is left alone.
+    """
     out = []
     for mod in list(sys.modules.values()):
-        if not isinstance(mod, ModuleType):
-            continue
         # vars(), not getattr(): lazy modules (transformers, ...) would import on getattr.
-        for name, value in list(vars(mod).items()):
-            if value is fn:
-                out.append((mod, name))
+        if isinstance(mod, ModuleType) and vars(mod).get(_NAME) is fn:
+            out.append(mod)
     return out
 
 
-def _set(mod: ModuleType, name: str, value: Callable) -> None:
-    setattr(mod, name, value)
+def _set(mod: ModuleType, value: Callable) -> None:
+    setattr(mod, _NAME, value)
 
 
 def is_enabled() -> bool:
@@ -113,14 +115,14 @@ def enable() -> bool:
         if getattr(original, "_arnn_patch", False):
             raise RuntimeError("arnn_plugins.patches.timm.enable: timm's get_attn is already patched elsewhere")
         patched_fn = _make_get_attn(original, _attn_layers())
-        done: List[Tuple[ModuleType, str]] = []
+        done: List[ModuleType] = []
         try:
-            for mod, name in _holders(original):
-                _set(mod, name, patched_fn)
-                done.append((mod, name))
+            for mod in _holders(original):
+                _set(mod, patched_fn)
+                done.append(mod)
         except BaseException:
-            for mod, name in reversed(done):
-                setattr(mod, name, original)
+            for mod in reversed(done):
+                setattr(mod, _NAME, original)
             raise
         _state = (original, patched_fn)
         return True
@@ -133,8 +135,8 @@ def disable() -> bool:
         if _state is None:
             return False
         original, patched_fn = _state
-        for mod, name in _holders(patched_fn):
-            setattr(mod, name, original)
+        for mod in _holders(patched_fn):
+            setattr(mod, _NAME, original)
         _state = None
         return True
 
