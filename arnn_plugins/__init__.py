@@ -11,6 +11,7 @@ from .registry import (
     swap_attention,
 )
 from .scan import available_backends, diagonal_lstm
+from . import fused_scan as _fused_scan  # noqa: F401  (registers backend="fused")
 
 __version__ = "0.1.0"
 

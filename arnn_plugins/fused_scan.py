@@ -1,0 +1,138 @@
+"""``backend="fused"``: the diagonal LSTM scan with a hand-written backward.
+
+Same math as :func:`arnn_plugins.scan.reference_scan`, organised for speed:
+
+- the input part of the gates is reordered once, by one gather, into
+  anti-diagonal order (step ``k`` holds the cells ``i + j = k``, rows
+  ``lo..hi``); padding cells of the skewed map are never stored or computed;
+- both directions and the whole batch advance together: per step two
+  batched matmuls (upper and left neighbour) and a few in-place pointwise ops;
+- hidden and cell states live in per-step buffers with one zero row on top
+  (row ``r + 1`` holds image row ``r``), so the upper and left neighbours of
+  the rows ``lo..hi`` are plain slices and out-of-image states read as zero;
+- the backward is a reverse scan over saved gate activations and states,
+  with no per-step autograd graph.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import List, Tuple
+
+import torch
+
+from .scan import register_backend
+
+__all__ = ["fused_scan"]
+
+
+@lru_cache(maxsize=64)
+def _plan(h: int, w: int) -> Tuple[List[Tuple[int, int, int]], torch.Tensor]:
+    """Steps ``(lo, hi, offset)`` over anti-diagonals and the flat cell order.
+
+    ``order[offset + r]`` is the flat image index ``i * W + j`` of row
+    ``i = lo + r`` on anti-diagonal ``k``; offsets count cells.
+    """
+    steps, order, off = [], [], 0
+    for k in range(w + h - 1):
+        lo, hi = max(0, k - w + 1), min(k, h - 1)
+        steps.append((lo, hi, off))
+        order.extend(i * w + (k - i) for i in range(lo, hi + 1))
+        off += hi - lo + 1
+    return steps, torch.tensor(order, dtype=torch.long)
+
+
+def _to_steps(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``(B, D, F, H, W)`` -> ``(D, cells, B, F)`` in anti-diagonal cell order."""
+    b, d, f, h, w = x.shape
+    return x.permute(1, 3, 4, 0, 2).reshape(d, h * w, b, f).index_select(1, order)
+
+
+def _from_steps(y: torch.Tensor, order: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`_to_steps`: ``(D, cells, B, F)`` -> ``(B, D, F, H, W)``."""
+    d, cells, b, f = y.shape
+    out = y.new_empty(d, cells, b, f)
+    out.index_copy_(1, order, y)
+    return out.view(d, h, w, b, f).permute(3, 0, 4, 1, 2)
+
+
+class _FusedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
+        b, d, g4, h, w = gx.shape
+        t = g4 // 4
+        steps, order = _plan(h, w)
+        order = order.to(gx.device)
+        w_up = weight_hh[..., 0].transpose(1, 2).contiguous()  # (D, t, 4t)
+        w_left = weight_hh[..., 1].transpose(1, 2).contiguous()
+
+        # Gate activations are written over the gathered inputs in place.
+        acts = _to_steps(gx, order)  # (D, cells, B, 4t)
+        hbuf = gx.new_zeros(len(steps) + 1, d, h + 1, b, t)
+        cbuf = gx.new_zeros(len(steps) + 1, d, h + 1, b, t)
+        for k, (lo, hi, off) in enumerate(steps):
+            n = hi - lo + 1
+            z = acts[:, off : off + n]  # (D, n, B, 4t) view
+            zf = z.reshape(d, n * b, g4)
+            zf.baddbmm_(hbuf[k, :, lo : hi + 1].reshape(d, n * b, t), w_up)
+            zf.baddbmm_(hbuf[k, :, lo + 1 : hi + 2].reshape(d, n * b, t), w_left)
+            z[..., : 3 * t].sigmoid_()
+            z[..., 3 * t :].tanh_()
+            o, f, i, g = z.split(t, dim=-1)
+            c = cbuf[k + 1, :, lo + 1 : hi + 2]
+            torch.mul(f, cbuf[k, :, lo + 1 : hi + 2], out=c)
+            c.addcmul_(i, g)
+            torch.mul(o, torch.tanh(c), out=hbuf[k + 1, :, lo + 1 : hi + 2])
+        # States of the cells, in step order, for the output.
+        hs = torch.cat([hbuf[k + 1, :, lo + 1 : hi + 2] for k, (lo, hi, _) in enumerate(steps)], dim=1)
+        ctx.save_for_backward(acts, hbuf, cbuf, w_up, w_left, order)
+        ctx.shape = (b, d, t, h, w)
+        return _from_steps(hs, order, h, w)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        acts, hbuf, cbuf, w_up, w_left, order = ctx.saved_tensors
+        b, d, t, h, w = ctx.shape
+        steps, _ = _plan(h, w)
+        g_out = _to_steps(grad_h, order)  # (D, cells, B, t)
+        dz_all = torch.empty_like(acts)
+        d_up = torch.zeros_like(w_up)
+        d_left = torch.zeros_like(w_left)
+        w_cat_t = torch.cat([w_up, w_left], dim=1).transpose(1, 2)  # (D, 4t, 2t)
+        carry_h = hbuf.new_zeros(d, h + 1, b, t)  # gradient reaching each row's h
+        carry_c = hbuf.new_zeros(d, h + 1, b, t)  # ... and its memory cell
+        for k in range(len(steps) - 1, -1, -1):
+            lo, hi, off = steps[k]
+            n = hi - lo + 1
+            o, f, i, g = acts[:, off : off + n].split(t, dim=-1)
+            c = cbuf[k + 1, :, lo + 1 : hi + 2]
+            c_left = cbuf[k, :, lo + 1 : hi + 2]
+            dh = g_out[:, off : off + n] + carry_h[:, lo + 1 : hi + 2]
+            tc = torch.tanh(c)
+            dc = (1 - tc * tc).mul_(o).mul_(dh).add_(carry_c[:, lo + 1 : hi + 2])
+            dz = dz_all[:, off : off + n]
+            do, df, di, dg = dz.split(t, dim=-1)
+            torch.mul(dh, tc, out=do).mul_(o * (1 - o))
+            torch.mul(dc, c_left, out=df).mul_(f * (1 - f))
+            torch.mul(dc, g, out=di).mul_(i * (1 - i))
+            torch.mul(dc, i, out=dg).mul_(1 - g * g)
+            dzf = dz.reshape(d, n * b, 4 * t)
+            d_up.baddbmm_(hbuf[k, :, lo : hi + 1].reshape(d, n * b, t).transpose(1, 2), dzf)
+            d_left.baddbmm_(hbuf[k, :, lo + 1 : hi + 2].reshape(d, n * b, t).transpose(1, 2), dzf)
+            back = torch.bmm(dzf, w_cat_t).view(d, n, b, 2 * t)
+            carry_h.zero_()
+            carry_h[:, lo : hi + 1] = back[..., :t]
+            carry_h[:, lo + 1 : hi + 2] += back[..., t:]
+            carry_c.zero_()
+            carry_c[:, lo + 1 : hi + 2] = dc.mul_(f)
+        grad_gx = _from_steps(dz_all, order, h, w)
+        grad_w = torch.stack([d_up.transpose(1, 2), d_left.transpose(1, 2)], dim=-1)
+        return grad_gx, grad_w
+
+
+def fused_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
+    """Fused diagonal LSTM scan; shapes as in :func:`arnn_plugins.scan.diagonal_lstm`."""
+    return _FusedScan.apply(gx, weight_hh)
+
+
+register_backend("fused", fused_scan)
