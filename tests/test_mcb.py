@@ -216,7 +216,9 @@ def test_forward_backward_each_kind(kind):
         assert grads["attention.arnn.0.input_proj.weight"] > 0
         assert grads["attention.arnn.1.context.weight"] > 0
     if kind == "mcb_att":
+        assert type(model.attention) is MCBGlimpseAttention
         assert grads["attention.conv1.weight"] > 0
+    assert isinstance(model, MCBVQA)
 
 
 def test_structure_local_attention_is_permutation_invariant_arnn_is_not():

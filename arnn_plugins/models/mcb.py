@@ -11,7 +11,7 @@ The three VQA models of the paper's section 4.3:
 - ``MCB+ARNN``: ``MCB+ATT`` whose glimpse attention
   (:class:`MCBGlimpseAttention`) is swapped for query-conditioned ARNNs with
   ``arnn_plugins.swap_attention(model)`` (see
-  ``arnn_plugins/adapters/vqa_mcb.py``), or :func:`build_mcb_vqa` with
+  ``arnn_plugins.adapters.vqa_mcb``), or :func:`build_mcb_vqa` with
   ``kind="mcb_arnn"``.
 
 :func:`vqa_accuracy` is the official VQA evaluation's per-question accuracy,

@@ -8,7 +8,7 @@ The generator is split into modules that can be composed:
   ``t``; a spatial mask ``g = mask(t)`` in ``[0, 1]`` decides where the edit
   applies: ``f' = g * t + (1 - g) * f``. The baseline mask is
   :class:`LocalMask` (3x3 conv + sigmoid); ``arnn_plugins.swap_attention``
-  swaps it for ARNN (``arnn_plugins/adapters/modular_gan.py``), the paper's
+  swaps it for ARNN (``arnn_plugins.adapters.modular_gan``), the paper's
   MGAN+ARNN (section 4.4);
 - reconstructor ``R``: features -> image (two stride-2 upsamplings, tanh);
 - discriminator ``D``: a patch real/fake head and an attribute classifier head.
