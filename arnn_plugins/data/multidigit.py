@@ -1,0 +1,505 @@
+"""MREF / MDIST / MBG: the multi-digit attribute query data sets (paper 4.1).
+
+Each image (``size x size`` RGB, 100 by default, 224 for the MBG^hr variant)
+holds five to nine real MNIST digits of *distinct* classes, each in one of
+five colours (red, green, blue, yellow, white) and at a scale in 0.5-3.0
+(relative to the 28-pixel MNIST frame), placed so that their ink bounding
+boxes do not overlap. One present digit is the target.
+
+Tasks:
+
+- ``task="color"`` (the paper's main task): the query is the target's digit
+  class (0-9), the answer its colour index into :data:`COLOURS` (chance 20%).
+  Colours are drawn independently per digit, so several digits may share one.
+- ``task="digit"`` (the inverse task, MBG^inv): the query is a colour
+  (0-4), the answer the digit class (0-9) of the one digit in that colour.
+  To make the answer unique, the target's colour is given to no other digit
+  in the image; the others draw from the remaining four colours.
+
+Backgrounds:
+
+- ``"mref"``: black.
+- ``"mdist"``: black plus per-pixel, per-channel Gaussian noise
+  (``noise_std``, clipped to [0, 1]); each image takes a random window (and
+  flip / rotation) of one ``4 size x 4 size`` noise field drawn per data set
+  from the seed.
+- ``"mbg"``: a random square crop (30-100% of the shorter side, random
+  horizontal flip) of a real photograph, resized to the image size. By
+  default the photographs that ship inside scikit-image's wheel
+  (``skimage.data``: astronaut, chelsea, coffee, rocket, motorcycles, camera,
+  coins, moon, hubble, grass, gravel, brick); pass ``backgrounds=`` your own
+  (e.g. SUN images) instead. The same photographs serve every split.
+
+Digits are alpha-composited: ``pixel = (1 - d) * background + d * colour``
+with ``d`` the resized digit intensity in [0, 1]. The target's pixel mask is
+``d >= 0.5 * max(d)`` over the target digit.
+
+Placement: scales are drawn uniformly in ``scale_range`` and digits placed
+largest first at a uniformly random free position (all free positions are
+found at once with a summed-area table). A digit that finds no room is
+shrunk by 15% and tried again; one that would go below the smallest scale
+restarts the image. Crowded images therefore hold fewer very large digits
+than a uniform draw would; the realised scales are recorded. With
+``scale_with_size=True`` the pixel size of a digit is ``28 * scale *
+size / 100``, so the 224 variant is the same layout at a higher resolution
+(larger feature maps, the point of MBG^hr).
+
+Determinism: item ``i`` is a pure function of ``(seed, split, i)`` (plus
+the options), generated on access, so the same seed gives identical data in
+any order and in any DataLoader worker, and nothing is held in memory. The
+layout (digits, colours, places) does not depend on the variant: MREF, MDIST
+and MBG with one seed differ only in their backgrounds. Splits draw their
+digits from disjoint MNIST images (see :mod:`arnn_plugins.data.digits`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .digits import SPLITS, DigitSet, load_digits
+
+__all__ = [
+    "COLOURS",
+    "COLOUR_RGB",
+    "VARIANTS",
+    "TASKS",
+    "PAPER_LENGTHS",
+    "MultiDigitSample",
+    "MultiDigitDataset",
+    "load_backgrounds",
+    "make_multidigit",
+]
+
+COLOURS = ("red", "green", "blue", "yellow", "white")
+COLOUR_RGB = np.array(
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 1, 1]], dtype=np.float32
+)
+VARIANTS = ("mref", "mdist", "mbg")
+TASKS = ("color", "digit")
+PAPER_LENGTHS = {"train": 30_000, "val": 10_000, "test": 10_000}
+_SPLIT_CODE = {s: k for k, s in enumerate(SPLITS)}
+_SHRINK = 0.85
+_MAX_RESTARTS = 200
+
+# Photographs (not textures of text, charts or microscopy) shipped in
+# scikit-image's wheel; no download needed.
+_SKIMAGE_PHOTOS = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+    "motorcycle_right.png", "camera.png", "coins.png", "moon.png", "hubble_deep_field.jpg",
+    "grass.png", "gravel.png", "brick.png",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _skimage_photos() -> Tuple[Image.Image, ...]:
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "MultiDigitDataset: variant 'mbg' needs background photographs; install scikit-image "
+            "(its wheel ships them) or pass backgrounds=[...]"
+        )
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    photos = []
+    for name in _SKIMAGE_PHOTOS:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with Image.open(path) as im:
+                photos.append(im.convert("RGB"))
+    if not photos:
+        raise ImportError(f"MultiDigitDataset: found none of the scikit-image photographs in {folder}")
+    return tuple(photos)
+
+
+def load_backgrounds() -> Tuple[Image.Image, ...]:
+    """The default MBG background photographs (RGB PIL images, cached)."""
+    return _skimage_photos()
+
+
+def _to_pil(bg) -> Image.Image:
+    if isinstance(bg, Image.Image):
+        return bg.convert("RGB")
+    arr = np.asarray(bg)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"MultiDigitDataset: a background must be (H, W, 3) or (H, W), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def _shrink_to(im: Image.Image, side: int) -> Image.Image:
+    # Crops are at least 30% of the shorter side, so a photo whose shorter
+    # side is 3 x the output loses no detail, and resizing crops is cheaper.
+    w, h = im.size
+    if min(w, h) <= side:
+        return im
+    f = side / min(w, h)
+    return im.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
+
+
+@dataclass
+class MultiDigitSample:
+    """One generated image with everything that went into it.
+
+    Attributes:
+        image: ``(H, W, 3)`` float32 in [0, 1].
+        mask: ``(H, W)`` bool, the target digit's pixels.
+        query: digit class (task ``"color"``) or colour index (task ``"digit"``).
+        answer: colour index (task ``"color"``) or digit class (task ``"digit"``).
+        target: position of the target in the per-digit arrays below.
+        classes: ``(n,)`` digit classes, distinct, ``5 <= n <= 9`` by default.
+        colours: ``(n,)`` colour indices into :data:`COLOURS`.
+        scales: ``(n,)`` realised scales (digit size / 28 px at 100 px images).
+        boxes: ``(n, 4)`` ink boxes ``(y0, x0, y1, x1)``, end-exclusive.
+        digit_ids: ``(n,)`` MNIST image ids of the digits used.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    query: int
+    answer: int
+    target: int
+    classes: np.ndarray
+    colours: np.ndarray
+    scales: np.ndarray
+    boxes: np.ndarray
+    digit_ids: np.ndarray
+
+
+class MultiDigitDataset(Dataset):
+    """MREF / MDIST / MBG multi-digit attribute queries (see module doc).
+
+    Args:
+        variant: ``"mref"``, ``"mdist"`` or ``"mbg"``.
+        split: ``"train"``, ``"val"`` or ``"test"``; selects disjoint MNIST
+            digit images and an independent random stream.
+        length: number of items; defaults to the paper's 30k / 10k / 10k.
+        task: ``"color"`` (query digit -> colour) or ``"digit"`` (inverse).
+        size: image side in pixels (100; 224 for the high-resolution variant).
+        seed: base seed; item ``i`` depends only on ``(seed, split, i)``.
+        num_digits: inclusive range of digits per image (at most 10).
+        scale_range: inclusive range of digit scales.
+        scale_with_size: scale digit pixel sizes by ``size / 100``.
+        noise_std: standard deviation of the MDIST background noise.
+        digits: a :class:`~arnn_plugins.data.DigitSet` to draw from instead
+            of MNIST's ``split``.
+        mnist_root: local torchvision MNIST folder (see :func:`load_digits`).
+        backgrounds: images (PIL, or arrays ``(H, W[, 3])``) for MBG.
+        return_tuple: ``__getitem__`` gives ``(image, query, answer, mask)``
+            instead of a dict.
+
+    Items (``__getitem__``): a dict with ``image`` float32 ``(3, H, W)`` in
+    [0, 1], ``query`` int, ``answer`` int, ``mask`` bool ``(H, W)`` (the
+    target's pixels, for mask correctness), ``scale`` float (the target's
+    scale, for per-scale accuracy) and ``index``.
+    """
+
+    def __init__(
+        self,
+        variant: str = "mref",
+        split: str = "train",
+        length: Optional[int] = None,
+        *,
+        task: str = "color",
+        size: int = 100,
+        seed: int = 0,
+        num_digits: Tuple[int, int] = (5, 9),
+        scale_range: Tuple[float, float] = (0.5, 3.0),
+        scale_with_size: bool = True,
+        noise_std: float = 0.3,
+        digits: Optional[DigitSet] = None,
+        mnist_root: Optional[str] = None,
+        backgrounds: Optional[Sequence] = None,
+        return_tuple: bool = False,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"MultiDigitDataset: variant must be one of {VARIANTS}, got {variant!r}")
+        if split not in SPLITS:
+            raise ValueError(f"MultiDigitDataset: split must be one of {SPLITS}, got {split!r}")
+        if task not in TASKS:
+            raise ValueError(f"MultiDigitDataset: task must be one of {TASKS}, got {task!r}")
+        if not isinstance(size, int) or size < 16:
+            raise ValueError(f"MultiDigitDataset: size must be an int >= 16, got {size!r}")
+        lo, hi = num_digits
+        if not (1 <= lo <= hi <= 10):
+            raise ValueError(f"MultiDigitDataset: num_digits must satisfy 1 <= lo <= hi <= 10, got {num_digits!r}")
+        if task == "digit" and hi > 1 and len(COLOURS) < 2:  # pragma: no cover - fixed palette
+            raise ValueError("MultiDigitDataset: the inverse task needs at least two colours")
+        smin, smax = float(scale_range[0]), float(scale_range[1])
+        if not (0 < smin <= smax):
+            raise ValueError(f"MultiDigitDataset: scale_range must satisfy 0 < lo <= hi, got {scale_range!r}")
+        px = 28 * smax * (size / 100 if scale_with_size else 1)
+        if px > size:
+            raise ValueError(
+                f"MultiDigitDataset: digits of scale {smax} ({px:.0f} px) do not fit a {size} px image"
+            )
+        if length is None:
+            length = PAPER_LENGTHS[split]
+        if not isinstance(length, int) or length < 0:
+            raise ValueError(f"MultiDigitDataset: length must be an int >= 0, got {length!r}")
+        if noise_std < 0:
+            raise ValueError(f"MultiDigitDataset: noise_std must be >= 0, got {noise_std!r}")
+
+        self.variant, self.split, self.task = variant, split, task
+        self.length, self.size, self.seed = length, size, int(seed)
+        self.num_digits = (int(lo), int(hi))
+        self.scale_range = (smin, smax)
+        self.scale_with_size = scale_with_size
+        self.noise_std = float(noise_std)
+        self.return_tuple = return_tuple
+        self.digits = digits if digits is not None else load_digits(split, mnist_root)
+        if not isinstance(self.digits, DigitSet):
+            raise TypeError(f"MultiDigitDataset: digits must be a DigitSet, got {type(self.digits).__name__}")
+        missing = [c for c in range(10) if len(self.digits.by_class[c]) == 0]
+        if missing:
+            raise ValueError(f"MultiDigitDataset: the digit set has no images of classes {missing}")
+        self._ink = _ink_boxes(self.digits.images)
+        self._backgrounds = None
+        self._noise = None
+        if variant == "mbg":
+            bgs = backgrounds if backgrounds is not None else load_backgrounds()
+            self._backgrounds = tuple(_shrink_to(_to_pil(b), 3 * size) for b in bgs)
+            if not self._backgrounds:
+                raise ValueError("MultiDigitDataset: backgrounds is empty")
+
+    @property
+    def num_queries(self) -> int:
+        """Size of the query vocabulary (10 digits, or 5 colours)."""
+        return 10 if self.task == "color" else len(COLOURS)
+
+    @property
+    def num_answers(self) -> int:
+        """Number of answer classes (5 colours, or 10 digits)."""
+        return len(COLOURS) if self.task == "color" else 10
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiDigitDataset(variant={self.variant!r}, split={self.split!r}, length={self.length}, "
+            f"task={self.task!r}, size={self.size}, seed={self.seed})"
+        )
+
+    def _check_index(self, index: int) -> int:
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"MultiDigitDataset: index must be an int, got {type(index).__name__}")
+        index = int(index)
+        if index < 0:
+            index += self.length
+        if not 0 <= index < self.length:
+            raise IndexError(f"MultiDigitDataset: index {index} out of range for length {self.length}")
+        return index
+
+    def sample(self, index: int) -> MultiDigitSample:
+        """Generate item ``index`` with its full description (numpy arrays)."""
+        index = self._check_index(index)
+        rng = np.random.default_rng([self.seed, _SPLIT_CODE[self.split], index, 0])
+        layout = self._layout(rng)
+        bg_rng = np.random.default_rng([self.seed, _SPLIT_CODE[self.split], index, 1])
+        background = self._background(bg_rng)
+        return self._compose(background, *layout)
+
+    def __getitem__(self, index: int):
+        s = self.sample(index)
+        image = torch.from_numpy(np.ascontiguousarray(s.image.transpose(2, 0, 1)))
+        mask = torch.from_numpy(s.mask)
+        if self.return_tuple:
+            return image, s.query, s.answer, mask
+        return {
+            "image": image,
+            "query": s.query,
+            "answer": s.answer,
+            "mask": mask,
+            "scale": float(s.scales[s.target]),
+            "index": self._check_index(index),
+        }
+
+    # -- generation -----------------------------------------------------------------
+
+    def _px_scale(self) -> float:
+        return self.size / 100.0 if self.scale_with_size else 1.0
+
+    def _layout(self, rng: np.random.Generator):
+        size, lo, hi = self.size, *self.num_digits
+        smin, smax = self.scale_range
+        for _ in range(_MAX_RESTARTS):
+            n = int(rng.integers(lo, hi + 1))
+            classes = rng.permutation(10)[:n]
+            pos = np.array([self.digits.by_class[c][rng.integers(len(self.digits.by_class[c]))] for c in classes])
+            scales = rng.uniform(smin, smax, size=n)
+            target = int(rng.integers(n))
+            if self.task == "color":
+                colours = rng.integers(len(COLOURS), size=n)
+            else:
+                colours = rng.integers(len(COLOURS) - 1, size=n)
+                tc = int(rng.integers(len(COLOURS)))
+                colours = colours + (colours >= tc)  # skip the target's colour
+                colours[target] = tc
+            boxes = np.zeros((n, 4), dtype=np.int64)
+            placed_boxes = []
+            patches = [None] * n
+            ok = True
+            for k in np.argsort(-scales, kind="stable"):
+                placed = self._place(rng, placed_boxes, pos[k], scales[k], smin)
+                if placed is None:
+                    ok = False
+                    break
+                scales[k], boxes[k], patches[k] = placed
+                placed_boxes.append(boxes[k])
+            if ok:
+                return classes, colours, scales, boxes, patches, pos, target
+        raise RuntimeError(
+            f"MultiDigitDataset: could not place {self.num_digits} digits without overlap in a "
+            f"{size} px image after {_MAX_RESTARTS} tries; lower num_digits or scale_range"
+        )
+
+    def _place(self, rng, placed, pos, scale, smin):
+        y0, y1, x0, x1 = self._ink[pos]
+        ink = self.digits.images[pos, y0:y1, x0:x1]
+        size = self.size
+        while True:
+            f = scale * self._px_scale()
+            bh = max(1, min(size, int(round((y1 - y0) * f))))
+            bw = max(1, min(size, int(round((x1 - x0) * f))))
+            free = _free_positions(size, placed, bh, bw)
+            if free.size:
+                flat = free[rng.integers(free.size)]
+                fy, fx = divmod(int(flat), size - bw + 1)
+                patch = _resize_matrix(ink.shape[0], bh) @ ink.astype(np.float32) @ _resize_matrix(ink.shape[1], bw).T
+                return scale, (fy, fx, fy + bh, fx + bw), np.clip(patch * (1.0 / 255.0), 0.0, 1.0)
+            if scale * _SHRINK < smin:
+                return None
+            scale *= _SHRINK
+
+    def _noise_field(self) -> np.ndarray:
+        # One large noise field per data set, cut into per-item windows:
+        # drawing fresh Gaussian noise per item would dominate generation time.
+        if self._noise is None:
+            rng = np.random.default_rng([self.seed, _SPLIT_CODE[self.split], 2**31])
+            side = 4 * self.size
+            noise = rng.standard_normal((side, side, 3), dtype=np.float32) * self.noise_std
+            self._noise = np.clip(noise, 0.0, 1.0)
+        return self._noise
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        size = self.size
+        if self.variant == "mref":
+            return np.zeros((size, size, 3), dtype=np.float32)
+        if self.variant == "mdist":
+            field = self._noise_field()
+            y0, x0 = rng.integers(field.shape[0] - size + 1, size=2)
+            window = field[y0:y0 + size, x0:x0 + size]
+            k = int(rng.integers(8))  # one of the 8 flips / rotations
+            window = np.rot90(window, k % 4)
+            return np.array(window[:, ::-1] if k >= 4 else window, dtype=np.float32, order="C")  # a copy: never a view of the field
+        photo = self._backgrounds[int(rng.integers(len(self._backgrounds)))]
+        w, h = photo.size
+        side = max(1, int(round(min(w, h) * rng.uniform(0.3, 1.0))))
+        x0, y0 = int(rng.integers(w - side + 1)), int(rng.integers(h - side + 1))
+        crop = photo.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side), reducing_gap=2.0)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(crop, dtype=np.float32) * (1.0 / 255.0)
+
+    def _compose(self, background, classes, colours, scales, boxes, patches, pos, target) -> MultiDigitSample:
+        size = self.size
+        image = background if background.flags.writeable else background.copy()
+        for k, (y0, x0, y1, x1) in enumerate(boxes):
+            d = patches[k][..., None]
+            region = image[y0:y1, x0:x1]
+            region *= 1.0 - d
+            region += d * COLOUR_RGB[colours[k]]
+        mask = np.zeros((size, size), dtype=bool)
+        y0, x0, y1, x1 = boxes[target]
+        p = patches[target]
+        mask[y0:y1, x0:x1] = p >= 0.5 * p.max()
+        if self.task == "color":
+            query, answer = int(classes[target]), int(colours[target])
+        else:
+            query, answer = int(colours[target]), int(classes[target])
+        return MultiDigitSample(
+            image=image, mask=mask, query=query, answer=answer, target=target,
+            classes=classes.astype(np.int64), colours=colours.astype(np.int64),
+            scales=scales.astype(np.float64), boxes=boxes, digit_ids=self.digits.ids[pos],
+        )
+
+
+def _ink_boxes(images: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` ink bounding boxes ``(y0, y1, x0, x1)`` of ``(N, h, w)`` digits."""
+    rows, cols = images.any(axis=2), images.any(axis=1)
+    h, w = images.shape[1:]
+    empty = ~rows.any(axis=1)
+    y0 = rows.argmax(axis=1)
+    y1 = h - rows[:, ::-1].argmax(axis=1)
+    x0 = cols.argmax(axis=1)
+    x1 = w - cols[:, ::-1].argmax(axis=1)
+    box = np.stack([y0, y1, x0, x1], axis=1)
+    box[empty] = (0, h, 0, w)  # a blank image keeps its frame
+    return box
+
+
+@functools.lru_cache(maxsize=4096)
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` antialiased bilinear (triangle filter) resampling
+    weights, as PIL's BILINEAR; a 2-D resize is ``R_y @ img @ R_x.T``."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)  # widen the filter when shrinking (antialias)
+    centres = (np.arange(n_out) + 0.5) * scale
+    x = np.arange(n_in) + 0.5
+    w = np.clip(1.0 - np.abs(x[None, :] - centres[:, None]) / support, 0.0, None)
+    w /= w.sum(axis=1, keepdims=True)
+    w = w.astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+def _free_positions(size: int, placed, bh: int, bw: int) -> np.ndarray:
+    """Flat indices (row-major over ``(size - bh + 1, size - bw + 1)``) of the
+    top-left corners where a ``bh x bw`` box overlaps none of ``placed``
+    (boxes ``(y0, x0, y1, x1)``)."""
+    ok = np.ones((size - bh + 1, size - bw + 1), dtype=bool)
+    for y0, x0, y1, x1 in placed:
+        # A box at (y, x) overlaps iff y0 - bh < y < y1 and x0 - bw < x < x1.
+        ok[max(0, y0 - bh + 1):y1, max(0, x0 - bw + 1):x1] = False
+    return np.flatnonzero(ok)
+
+
+def make_multidigit(
+    variant: str = "mref", n: int = 1000, *, split: str = "train", **kwargs
+) -> Dict[str, Union[torch.Tensor, MultiDigitDataset]]:
+    """Generate ``n`` items at once into stacked tensors.
+
+    Returns a dict with ``image`` ``(n, 3, H, W)`` float32, ``query`` and
+    ``answer`` ``(n,)`` int64, ``mask`` ``(n, H, W)`` bool, ``scale`` ``(n,)``
+    float32 and ``dataset`` (the :class:`MultiDigitDataset` that made them).
+    ``kwargs`` go to :class:`MultiDigitDataset`.
+    """
+    ds = MultiDigitDataset(variant, split, n, **kwargs)
+    size = ds.size
+    out = {
+        "image": torch.empty(n, 3, size, size),
+        "query": torch.empty(n, dtype=torch.long),
+        "answer": torch.empty(n, dtype=torch.long),
+        "mask": torch.empty(n, size, size, dtype=torch.bool),
+        "scale": torch.empty(n),
+    }
+    for i in range(n):
+        s = ds.sample(i)
+        out["image"][i] = torch.from_numpy(s.image).permute(2, 0, 1)
+        out["query"][i] = s.query
+        out["answer"][i] = s.answer
+        out["mask"][i] = torch.from_numpy(s.mask)
+        out["scale"][i] = float(s.scales[s.target])
+    out["dataset"] = ds
+    return out
