@@ -52,7 +52,14 @@ from ..arnn import AttentionRNN, BlockAttentionRNN, check_input
 from ..gate import ARNNGate, zero_init_attention
 from ..registry import SWAP_MODES, register_adapter
 
-__all__ = ["ARNNSpatialAttn", "CbamARNN", "LightCbamARNN", "ARNNAttn", "reset_arnn_parameters"]
+__all__ = [
+    "ARNNSpatialAttn",
+    "CbamARNN",
+    "LightCbamARNN",
+    "ARNNAttn",
+    "reset_arnn_parameters",
+    "reset_arnn_layers",
+]
 
 _GateLayer = Union[str, Type[nn.Module]]
 
@@ -301,6 +308,7 @@ class CbamARNN(nn.Module):
 
     @property
     def mode(self) -> str:
+        """``"residual"`` or ``"replace"`` (the spatial branch's mode)."""
         return self.spatial.mode
 
     def extra_repr(self) -> str:
@@ -374,6 +382,22 @@ class ARNNAttn(ARNNGate):
     def init_weights(self, zero_init_last: bool = False) -> None:
         """timm init hook (ByobNet): as :meth:`zero_init_last`."""
         self.zero_init_last()
+
+
+def reset_arnn_layers(model: nn.Module) -> int:
+    """Re-initialise every ARNN layer of this module's classes in ``model``; returns how many.
+
+    timm's ResNet calls the layers' init hook only with ``zero_init_last=True``
+    (its default); a model built with ``zero_init_last=False`` keeps timm's
+    Kaiming init in ARNN's convs, so a residual correction does not start at
+    zero. Call this after building such a model.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (ARNNSpatialAttn, ARNNAttn)):
+            m.zero_init_last()
+            n += 1
+    return n
 
 
 def _is_timm_cbam(module: nn.Module) -> bool:

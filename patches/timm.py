@@ -18,6 +18,11 @@ Example::
     with arnn_timm.patched():
         model = timm.create_model("resnet50", block_args=dict(attn_layer="cbam_arnn"))
 
+The layers restore their own initialisation (and the zero start of the
+residual correction / gate) from timm's ``zero_init_last`` init hook, which
+ResNet calls by default; with ``zero_init_last=False`` call
+:func:`~arnn_plugins.adapters.timm_cbam.reset_arnn_layers` on the model.
+
 Other options go through a class instead of a name, e.g.
 ``attn_layer=functools.partial(CbamARNN, mode="replace", hidden_channels=8)``
 (timm passes classes through unchanged, no patch needed).

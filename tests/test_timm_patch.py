@@ -11,7 +11,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 import arnn_plugins as ap  # noqa: E402
-from arnn_plugins.adapters.timm_cbam import ARNNAttn, CbamARNN, LightCbamARNN  # noqa: E402
+from arnn_plugins.adapters.timm_cbam import ARNNAttn, CbamARNN, LightCbamARNN, reset_arnn_layers  # noqa: E402
 from arnn_plugins.finetune import load_pretrained  # noqa: E402
 from arnn_plugins.patches import timm as arnn_timm  # noqa: E402
 
@@ -75,6 +75,18 @@ def test_cbam_arnn_resnet_is_a_cbam_resnet_at_init(arch, n, tmp_path):
     assert report.missing_arnn and all(".spatial.arnn." in k for k in report.missing_arnn)
     with torch.no_grad():
         assert (model(X) - expected).abs().max().item() <= 1e-5
+
+
+def test_reset_after_building_without_timm_init_hook():
+    with arnn_timm.patched():
+        model = make("resnet18", "cbam_arnn", zero_init_last=False)
+    lasts = [m.spatial.arnn.combiner[-1] for m in model.modules() if isinstance(m, CbamARNN)]
+    # timm's Kaiming init reached ARNN's convs and no hook undid it ...
+    assert all(torch.count_nonzero(last.weight[0]) > 0 for last in lasts)
+    assert reset_arnn_layers(model) == 8
+    # ... until the reset: ARNN's own init, zero correction.
+    assert all(torch.count_nonzero(last.weight[0]) == 0 for last in lasts)
+    assert all(torch.count_nonzero(last.weight[1]) > 0 for last in lasts)
 
 
 def test_pretrained_file_into_patched_model(tmp_path):
