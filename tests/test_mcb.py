@@ -317,6 +317,9 @@ def test_transformers_question_encoder():
                                   intermediate_size=32, max_position_embeddings=16)
     enc = TransformersQuestionEncoder(transformers.BertModel(cfg))
     assert enc.out_dim == 16
+    # A bare transformers model is wrapped.
+    bare = small_model("mcb", question_encoder=transformers.BertModel(cfg), vocab_size=None)
+    assert isinstance(bare.question_encoder, TransformersQuestionEncoder) and bare.query_channels == 16
     model = small_model("mcb_arnn", question_encoder=enc, vocab_size=None).eval()
     assert model.attention.arnn[0].query_channels == 16
     x, tokens = batch()

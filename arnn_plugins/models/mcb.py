@@ -334,9 +334,10 @@ class MCBVQA(nn.Module):
         img_channels: channels ``C`` of the precomputed image features
             (2048 for ResNet-152 ``res5c``, 14 x 14).
         vocab_size: question vocabulary size for the default LSTM encoder.
-        question_encoder: any module ``(tokens (B, L), mask (B, L)) -> (B, Q)``
-            with an ``out_dim`` attribute (e.g. :class:`TransformersQuestionEncoder`);
-            replaces the LSTM encoder.
+        question_encoder: replaces the LSTM encoder: a ``transformers`` text
+            model (wrapped in :class:`TransformersQuestionEncoder`), or any
+            module ``(tokens (B, L), mask (B, L)) -> (B, Q)`` with an
+            ``out_dim`` attribute.
         attention: MCB+ATT when true, plain MCB (mean-pooled image) otherwise.
         mcb_dim: sketch size of both MCBs (16000 in Fukui et al.).
         att_hidden: channels of the attention's first 1x1 conv.
@@ -376,6 +377,8 @@ class MCBVQA(nn.Module):
             if vocab_size is None:
                 raise ValueError("MCBVQA: pass vocab_size (for the LSTM question encoder) or a question_encoder")
             question_encoder = LSTMQuestionEncoder(vocab_size, embed_dim, hidden_size, num_layers, pad_id)
+        elif not hasattr(question_encoder, "out_dim") and hasattr(question_encoder, "config"):
+            question_encoder = TransformersQuestionEncoder(question_encoder)
         q_dim = getattr(question_encoder, "out_dim", None)
         if not isinstance(q_dim, int):
             raise TypeError("MCBVQA: question_encoder must have an int out_dim (its output size)")
