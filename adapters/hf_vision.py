@@ -8,11 +8,18 @@ that is the identity at initialisation:
   ``ResNetForImageClassification`` and ``ResNetBackbone``; channels are the
   layer's last conv's ``out_channels`` (``config.hidden_sizes[stage]``).
   Per residual block, as for torchvision and the MMCV plugin slots.
-- ``hf_convnext``: one gate on the output of every stage (``ConvNextStage``,
-  ``ConvNextV2Stage``); channels from the stage's layers
-  (``config.hidden_sizes[stage]``). Per stage rather than per layer: a
-  ConvNeXt stage holds up to 27 cheap depthwise blocks, and a gate per block
-  would multiply the sequential scans for little gain.
+- ``hf_convnext``: one gate on the output of every ConvNeXt layer
+  (``ConvNextLayer``, ``ConvNextV2Layer``), i.e. on the residual stream;
+  channels from the layer's depthwise conv (``config.hidden_sizes[stage]``).
+  Per layer rather than per stage: the next stage starts with a LayerNorm
+  over channels at every location (as do ``ConvNextBackbone``'s feature-map
+  norms), which removes a per-location scale, so a gate on a stage's output
+  (equivalently, on its last layer) is almost entirely undone there; the
+  gates on the layers before it act through the residual stream and the
+  depthwise convs. Gating layers also keeps every gate inside the stages
+  whose outputs transformers records with forward hooks of its own
+  (``output_hidden_states``, ``ConvNextBackbone`` feature maps), so those
+  records include the gates whatever the order of insertion.
 
 Option ``stages`` (popped before the rest goes to ARNN): which stages, read
 from the ``encoder.stages.<k>`` index in the module's name (``k + 1``), get
@@ -25,22 +32,11 @@ the gates are inserted after it::
 
     model = ResNetForImageClassification.from_pretrained(path)
     arnn_plugins.insert_attention(model)
-
-``output_hidden_states``: transformers records ConvNeXt stage outputs with
-forward hooks of its own, installed at the first forward that asks for
-hidden states. Hooks run in the order they were registered, so if such a
-forward ran before :func:`~arnn_plugins.insert_attention`, the recorded
-``hidden_states`` of a gated stage are taken before its gate; insert the
-gates first (the usual order) and they are taken after it.
-``last_hidden_state``, the pooled output and the logits always include
-every gate. (ResNet's hidden states are stage outputs, collected around the
-gated layers, so they always include the gates.)
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
 import torch.nn as nn
 
@@ -69,8 +65,8 @@ _STAGE_PATTERN = r"stages\.(\d+)"
 
 _RESNET = ("transformers.models.resnet.modeling_resnet", ("ResNetBasicLayer", "ResNetBottleNeckLayer"))
 _CONVNEXT = (
-    ("transformers.models.convnext.modeling_convnext", ("ConvNextStage",)),
-    ("transformers.models.convnextv2.modeling_convnextv2", ("ConvNextV2Stage",)),
+    ("transformers.models.convnext.modeling_convnext", ("ConvNextLayer",)),
+    ("transformers.models.convnextv2.modeling_convnextv2", ("ConvNextV2Layer",)),
 )
 
 
@@ -80,7 +76,7 @@ def match_resnet(module: nn.Module) -> bool:
 
 
 def match_convnext(module: nn.Module) -> bool:
-    """True for a transformers ``ConvNextStage`` / ``ConvNextV2Stage``."""
+    """True for a transformers ``ConvNextLayer`` / ``ConvNextV2Layer``."""
     return any(is_instance_of_loaded(module, mod, names) for mod, names in _CONVNEXT)
 
 
@@ -98,20 +94,14 @@ def resnet_layer_out_channels(layer: nn.Module) -> int:
     return conv.out_channels
 
 
-def convnext_stage_out_channels(stage: nn.Module) -> Optional[int]:
-    """Channels ``C`` of a ConvNeXt stage's output ``(B, C, H, W)``; ``None`` for an empty stage."""
-    layers = getattr(stage, "layers", None)
-    down = getattr(stage, "downsampling_layer", None)
-    if layers is not None and len(layers) > 0 and isinstance(getattr(layers[-1], "dwconv", None), nn.Conv2d):
-        return layers[-1].dwconv.out_channels
-    if down is not None and len(down) > 0 and isinstance(down[-1], nn.Conv2d):
-        return down[-1].out_channels
-    if (layers is None or len(layers) == 0) and (down is None or len(down) == 0):
-        return None  # depth 0 and no downsampling: the stage is the identity
-    raise TypeError(
-        f"{CONVNEXT_ADAPTER}: {type(stage).__name__} has neither layers[-1].dwconv nor a downsampling "
-        "Conv2d to read its output channels from"
-    )
+def convnext_layer_out_channels(layer: nn.Module) -> int:
+    """Channels ``C`` of a ConvNeXt layer's output ``(B, C, H, W)`` (its depthwise conv's)."""
+    conv = getattr(layer, "dwconv", None)
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(
+            f"{CONVNEXT_ADAPTER}: {type(layer).__name__} has no dwconv Conv2d to read its output channels from"
+        )
+    return conv.out_channels
 
 
 def _selected(name: str, stages: StagesArg, adapter: str) -> bool:
@@ -130,12 +120,11 @@ def build_resnet(layer: nn.Module, name: str = "", stages: StagesArg = DEFAULT_S
     return ARNNGate(resnet_layer_out_channels(layer), **arnn_kwargs)
 
 
-def build_convnext(stage: nn.Module, name: str = "", stages: StagesArg = DEFAULT_STAGES, **arnn_kwargs):
-    """Gate for a ConvNeXt stage with output ``(B, C, H, W)``, or ``None`` if it is left out."""
+def build_convnext(layer: nn.Module, name: str = "", stages: StagesArg = DEFAULT_STAGES, **arnn_kwargs):
+    """Gate for a ConvNeXt layer with output ``(B, C, H, W)``, or ``None`` if its stage is left out."""
     if not _selected(name, stages, CONVNEXT_ADAPTER):
         return None
-    channels = convnext_stage_out_channels(stage)
-    return None if channels is None else ARNNGate(channels, **arnn_kwargs)
+    return ARNNGate(convnext_layer_out_channels(layer), **arnn_kwargs)
 
 
 register_adapter(
@@ -151,6 +140,6 @@ register_adapter(
     kind="insert",
     match=match_convnext,
     build=build_convnext,
-    description="ARNN gate after each transformers ConvNeXt / ConvNeXt V2 stage (stages: default (2, 3, 4))",
+    description="ARNN gate after each transformers ConvNeXt / ConvNeXt V2 layer (stages: default (2, 3, 4))",
     host="transformers",
 )

@@ -13,6 +13,7 @@ from arnn_plugins.gate import ARNNGate  # noqa: E402
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 HF_ADAPTERS = [hf_vision.RESNET_ADAPTER, hf_vision.CONVNEXT_ADAPTER]
 RESNET_DEPTHS = [1, 2, 1, 1]
+CONVNEXT_DEPTHS = [1, 1, 2, 1]
 
 
 def resnet_config(layer_type="basic"):
@@ -25,7 +26,7 @@ def resnet_config(layer_type="basic"):
 
 def convnext_config(v2=False):
     cls = transformers.ConvNextV2Config if v2 else transformers.ConvNextConfig
-    return cls(num_channels=3, patch_size=2, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_labels=3)
+    return cls(num_channels=3, patch_size=2, hidden_sizes=[8, 16, 24, 32], depths=CONVNEXT_DEPTHS, num_labels=3)
 
 
 def make(kind):
@@ -49,7 +50,7 @@ def resnet_blocks(stages, prefix="resnet."):
 
 
 def convnext_blocks(kind, stages):
-    return [f"{kind}.encoder.stages.{s - 1}" for s in stages]
+    return [f"{kind}.encoder.stages.{s - 1}.layers.{i}" for s in stages for i in range(CONVNEXT_DEPTHS[s - 1])]
 
 
 def expected(kind, stages):
@@ -83,6 +84,7 @@ def test_identity_at_init_default_stages_and_channels(kind):
     assert names == [f"{b}.arnn_gate" for b in expected(kind, (2, 3, 4))]
     assert (logits(model) - before).abs().max().item() <= 1e-6
     sizes = model.config.hidden_sizes
+    assert len(names) == len(expected(kind, (2, 3, 4)))
     for name in names:
         stage = int(name.split("stages.")[1].split(".")[0])
         assert model.get_submodule(name).in_channels == sizes[stage]
@@ -189,14 +191,35 @@ def test_pretrained_checkpoint_loads_then_gets_gates(kind, tmp_path):
     assert (logits(gated_model) - ref).abs().max().item() <= 1e-6
 
 
-def test_convnext_hidden_states_include_gates_when_inserted_first():
+def test_convnext_records_of_stage_outputs_include_gates():
+    # transformers records ConvNeXt stage outputs with forward hooks that it
+    # installs at the first forward asking for them; gates sit inside the
+    # stages, so the records include them whatever the order.
     model = make("convnext")
-    ap.insert_attention(model, stages=(4,), hidden_channels=4)
+    with torch.no_grad():
+        model.convnext(pixel_values=X, output_hidden_states=True)
+    ap.insert_attention(model, hidden_channels=4)
     randomise_gates(model)
     with torch.no_grad():
         out = model.convnext(pixel_values=X, output_hidden_states=True)
     assert len(out.hidden_states) == 5
     assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+
+    config = convnext_config()
+    config.out_features = ["stage3", "stage4"]
+    config.layer_scale_init_value = 1.0  # as after training; 1e-6 makes every residual branch vanish
+    torch.manual_seed(0)
+    backbone = transformers.ConvNextBackbone(config).eval()
+    with torch.no_grad():
+        plain = backbone(pixel_values=X).feature_maps
+    ap.insert_attention(backbone, stages=(3,), hidden_channels=4)
+    with torch.no_grad():
+        assert torch.equal(backbone(pixel_values=X).feature_maps[0], plain[0])  # identity at init
+    randomise_gates(backbone)
+    with torch.no_grad():
+        gated = backbone(pixel_values=X).feature_maps
+    # Stage 3 has two layers: the first one's gate reaches its feature map.
+    assert (gated[0] - plain[0]).abs().max() > 1e-3
 
 
 def test_model_without_insertion_point_raises_and_is_unchanged():
@@ -215,6 +238,6 @@ def test_adapters_are_listed_and_match_only_their_blocks():
     resnet, convnext = make("resnet-basic"), make("convnext")
     assert hf_vision.match_resnet(resnet.resnet.encoder.stages[0].layers[0])
     assert not hf_vision.match_resnet(resnet.resnet.encoder.stages[0])
-    assert hf_vision.match_convnext(convnext.convnext.encoder.stages[0])
-    assert not hf_vision.match_convnext(convnext.convnext.encoder.stages[0].layers[0])
+    assert hf_vision.match_convnext(convnext.convnext.encoder.stages[0].layers[0])
+    assert not hf_vision.match_convnext(convnext.convnext.encoder.stages[0])
     assert not hf_vision.match_resnet(nn.Conv2d(3, 3, 1)) and not hf_vision.match_convnext(nn.Conv2d(3, 3, 1))
