@@ -1,0 +1,270 @@
+"""Speed and memory benchmarks (``arnn-plugins bench``).
+
+Two tables, each measured within one run so that ratios are comparable on a
+noisy machine:
+
+1. the AttentionRNN layer, forward and forward+backward, for each backend,
+   including a "naive" peer written the way public Diagonal BiLSTM code
+   usually is (per-row skew loops, ``nn.Conv1d`` for the 2x1 kernel,
+   autograd through every step);
+2. a timm ResNet18+CBAM train step with CBAM's spatial branch replaced by
+   ARNN, against the same model with CBAM and without attention.
+
+Times are medians over repeats; memory is the size of the tensors kept for
+backward (CPU) or the CUDA allocator's peak (GPU).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .arnn import AttentionRNN
+from .scan import available_backends, register_backend
+
+__all__ = ["naive_scan", "bench_layer", "bench_resnet", "format_table", "run"]
+
+
+def naive_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
+    """The diagonal LSTM as commonly written in public code (a slow peer).
+
+    Per-row Python loops to skew and unskew, ``F.conv1d`` with a 2x1 kernel
+    over the previous column, autograd through every step, no masking of
+    padding cells. Same signature as the registered backends; used only by
+    the benchmark.
+    """
+    b, d, g4, h, w = gx.shape
+    t = g4 // 4
+    outs_dir = []
+    for di in range(d):
+        x = gx[:, di]
+        skewed = x.new_zeros(b, g4, h, w + h - 1)
+        for i in range(h):
+            skewed[:, :, i, i : i + w] = x[:, :, i]
+        kernel = weight_hh[di]  # conv1d taps over [row i - 1, row i]
+        hid = x.new_zeros(b, t, h)
+        cell = x.new_zeros(b, t, h)
+        cols = []
+        for k in range(w + h - 1):
+            rec = F.conv1d(F.pad(hid, (1, 0)), kernel)
+            gates = skewed[:, :, :, k] + rec
+            o, f, i_, g = gates.chunk(4, dim=1)
+            cell = torch.sigmoid(f) * cell + torch.sigmoid(i_) * torch.tanh(g)
+            hid = torch.sigmoid(o) * torch.tanh(cell)
+            cols.append(hid)
+        hs = torch.stack(cols, dim=-1)
+        out = x.new_zeros(b, t, h, w)
+        for i in range(h):
+            out[:, :, i] = hs[:, :, i, i : i + w]
+        outs_dir.append(out)
+    return torch.stack(outs_dir, dim=1)
+
+
+@dataclass
+class Row:
+    """One benchmark line."""
+
+    name: str
+    fwd_ms: float
+    fwdbwd_ms: float
+    mem_mb: float
+    ratio: Optional[float] = None
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (allocations, kernel compilation)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _saved_mb(fn: Callable[[], torch.Tensor]) -> float:
+    """Megabytes of distinct storages autograd keeps for backward of ``fn()``."""
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values()) / 2**20
+
+
+def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def bench_layer(
+    batch: int = 32,
+    channels: int = 64,
+    size: int = 32,
+    hidden: int = 16,
+    device: str = "cpu",
+    backends: Optional[List[str]] = None,
+    repeats: int = 3,
+    progress: Optional[Callable[[str], None]] = None,
+) -> List[Row]:
+    """Time AttentionRNN forward and forward+backward per backend.
+
+    Returns rows named by backend with the ratio ``reference / backend`` of
+    the forward+backward time (how many times faster than the reference).
+    """
+    dev = torch.device(device)
+    register_backend("naive", naive_scan)
+    if backends is None:
+        backends = ["naive", "reference", "fused"] + (["triton"] if dev.type == "cuda" and "triton" in available_backends() else [])
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size, device=dev)
+    base = AttentionRNN(channels, hidden_channels=hidden).to(dev)
+    rows = []
+    for name in backends:
+        if progress:
+            progress(f"layer {name}")
+        m = AttentionRNN(channels, hidden_channels=hidden, backend=name).to(dev)
+        m.load_state_dict(base.state_dict())
+        xg = x.clone().requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                return m(x)
+
+        def fwdbwd():
+            m.zero_grad(set_to_none=True)
+            m(xg).sum().backward()
+
+        f_ms = _median_ms(fwd, dev, repeats)
+        fb_ms = _median_ms(fwdbwd, dev, repeats)
+        mem = _peak_mb(fwdbwd, dev) if dev.type == "cuda" else _saved_mb(lambda: m(xg))
+        rows.append(Row(name, f_ms, fb_ms, mem))
+    ref = next((r for r in rows if r.name == "reference"), None)
+    for r in rows:
+        r.ratio = ref.fwdbwd_ms / r.fwdbwd_ms if ref else None
+    return rows
+
+
+def bench_resnet(
+    batch: int = 16,
+    size: int = 128,
+    device: str = "cpu",
+    amp: bool = False,
+    repeats: int = 3,
+    backend: str = "auto",
+    progress: Optional[Callable[[str], None]] = None,
+) -> List[Row]:
+    """Train-step time of timm ResNet18, +CBAM, and +CBAM with ARNN spatial branch.
+
+    The ratio column is each model's step time over the CBAM model's.
+    """
+    import timm
+
+    from .registry import swap_attention
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    y = torch.randint(0, 100, (batch,), device=dev)
+    models = {
+        "resnet18": timm.create_model("resnet18", num_classes=100),
+        "resnet18+cbam": timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam")),
+    }
+    arnn = timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam"))
+    swap_attention(arnn, mode="replace", backend=backend)
+    models["resnet18+cbam+arnn"] = arnn
+    rows = []
+    for name, model in models.items():
+        if progress:
+            progress(f"train step {name}")
+        model.to(dev).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, enabled=amp, dtype=torch.bfloat16 if dev.type == "cpu" else torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+
+        def fwd():
+            with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
+                model(x)
+
+        f_ms = _median_ms(fwd, dev, repeats)
+        s_ms = _median_ms(step, dev, repeats)
+        mem = _peak_mb(step, dev) if dev.type == "cuda" else float("nan")
+        rows.append(Row(name, f_ms, s_ms, mem))
+    cbam = rows[1].fwdbwd_ms
+    for r in rows:
+        r.ratio = r.fwdbwd_ms / cbam
+    return rows
+
+
+def format_table(title: str, rows: List[Row], ratio_label: str, step_label: str = "fwd+bwd ms") -> str:
+    """Markdown table of benchmark rows."""
+    lines = [
+        f"**{title}**",
+        "",
+        f"| case | fwd ms | {step_label} | memory MB | {ratio_label} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
+        mem = "" if r.mem_mb != r.mem_mb else f"{r.mem_mb:.1f}"
+        lines.append(f"| {r.name} | {r.fwd_ms:.1f} | {r.fwdbwd_ms:.1f} | {mem} | {ratio} |")
+    return "\n".join(lines)
+
+
+def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool = True,
+        batch: Optional[int] = None, amp: bool = False, size: Optional[int] = None) -> str:
+    """Run the benchmarks with a progress bar; returns the markdown tables."""
+    from tqdm import tqdm
+
+    dev = torch.device(device)
+    parts = []
+    n = (4 if layer else 0) + (3 if resnet else 0)
+    with tqdm(total=n, desc="bench", unit="case") as bar:
+        def progress(msg):
+            bar.set_postfix_str(msg)
+            bar.update(1)
+
+        if layer:
+            s = size or (56 if dev.type == "cuda" else 32)
+            b = batch or (64 if dev.type == "cuda" else 32)
+            rows = bench_layer(batch=b, size=s, device=device, repeats=repeats, progress=progress)
+            mem = "peak MB" if dev.type == "cuda" else "saved for backward"
+            parts.append(format_table(
+                f"AttentionRNN layer, B={b}, C=64, {s}x{s}, t=16, {device} (memory: {mem})",
+                rows, "speed-up vs reference"))
+        if resnet:
+            b = batch or (128 if dev.type == "cuda" else 16)
+            rows = bench_resnet(batch=b, device=device, amp=amp, repeats=repeats, progress=progress)
+            parts.append(format_table(
+                f"timm ResNet18 train step, batch {b}, 128x128, {device}{' AMP' if amp else ''}",
+                rows, "time vs +CBAM", step_label="train step ms"))
+        bar.n = bar.total
+        bar.refresh()
+    return "\n\n".join(parts)
