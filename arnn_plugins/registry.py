@@ -48,6 +48,7 @@ _BUILTIN_ADAPTER_MODULES = (
     "arnn_plugins.adapters.hf_vision",
     "arnn_plugins.adapters.vqa_mcb",
     "arnn_plugins.adapters.modular_gan",
+    "arnn_plugins.models.pan",
 )
 
 
