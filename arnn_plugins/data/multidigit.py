@@ -27,7 +27,7 @@ Backgrounds:
   horizontal flip) of a real photograph, resized to the image size. By
   default the photographs that ship inside scikit-image's wheel
   (``skimage.data``: astronaut, chelsea, coffee, rocket, motorcycles, camera,
-  coins, moon, hubble, grass, gravel, brick); pass ``backgrounds=`` your own
+  coins, moon, grass, gravel, brick); pass ``backgrounds=`` your own
   (e.g. SUN images) instead. The same photographs serve every split.
 
 Digits are alpha-composited: ``pixel = (1 - d) * background + d * colour``
@@ -94,7 +94,7 @@ _MAX_RESTARTS = 200
 # scikit-image's wheel; no download needed.
 _SKIMAGE_PHOTOS = (
     "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-    "motorcycle_right.png", "camera.png", "coins.png", "moon.png", "hubble_deep_field.jpg",
+    "motorcycle_right.png", "camera.png", "coins.png", "moon.png",
     "grass.png", "gravel.png", "brick.png",
 )
 
