@@ -216,3 +216,34 @@ def test_scan_matches_reference_cuda(b, t, h, w, dtype):
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got_g[0], want_g[0], **tol)
     torch.testing.assert_close(got_g[1], want_g[1], **tol)
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+def test_kernels_compile_for_sm90(kernel):
+    # The GPU path cannot run here, but Triton compiles to PTX and cubin (with
+    # its bundled ptxas) without a device: this catches lowering errors.
+    pytest.importorskip("triton")
+    from arnn_plugins import triton_scan as ts
+
+    if ts._interpreting():
+        pytest.skip("this process runs Triton's interpreter")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile as triton_compile
+    except ImportError:
+        pytest.skip("this Triton release has no ahead-of-time compile API")
+    if kernel == "fwd":
+        fn, ptrs, extra = ts._diag_lstm_fwd_kernel, ("gx_ptr", "w_ptr", "h_ptr", "c_ptr", "act_ptr"), {"SAVE": True}
+    else:
+        fn, ptrs, extra = ts._diag_lstm_bwd_kernel, ("dh_ptr", "w_ptr", "c_ptr", "act_ptr", "dgx_ptr"), {}
+    bh, bt, num_warps = ts._launch_config(56, 16)
+    consts = dict(BH=bh, BT=bt, LIBDEVICE=True, PREC=ts._PRECISION, **extra)
+    signature = {
+        n: "constexpr" if n in consts else ("*fp32" if n in ptrs else "i32") for n in fn.arg_names
+    }
+    compiled = triton_compile(
+        ASTSource(fn=fn, signature=signature, constexprs=consts),
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=num_warps, num_stages=1),
+    )
+    assert "bar.sync" in compiled.asm["ptx"] or "barrier.sync" in compiled.asm["ptx"]
