@@ -69,7 +69,9 @@ def _check_mode(layer: str, mode: str) -> None:
         raise ValueError(f"{layer}: mode must be one of {SWAP_MODES}, got {mode!r}")
 
 
-def _build_arnn(channels: int, block_size: int, **arnn_kwargs) -> nn.Module:
+def _build_arnn(layer: str, channels: int, block_size: int, **arnn_kwargs) -> nn.Module:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"{layer}: block_size must be a positive int, got {block_size!r}")
     if block_size > 1:
         return BlockAttentionRNN(channels, block_size=block_size, **arnn_kwargs)
     return AttentionRNN(channels, **arnn_kwargs)
@@ -146,7 +148,7 @@ class ARNNSpatialAttn(nn.Module):
             conv = ConvNormAct(1 if light else 2, 1, kernel_size, apply_act=False)
         self.conv = conv
         self.gate = gate if gate is not None else create_act_layer(gate_layer)
-        self.arnn = _build_arnn(channels, block_size, **arnn_kwargs)
+        self.arnn = _build_arnn("ARNNSpatialAttn", channels, block_size, **arnn_kwargs)
         if mode == "residual":
             zero_init_attention(self.arnn)
         if device is not None or dtype is not None:

@@ -11,6 +11,11 @@ ARNN parameters are those inside an :class:`~arnn_plugins.AttentionRNN`,
 module (whatever wraps them; e.g. in a residual CBAM swap the original CBAM
 conv stays a backbone parameter).
 
+A replacement module that knowingly drops part of the original (e.g. the CBAM
+spatial conv after a ``mode="replace"`` swap) lists the dropped checkpoint
+key prefixes, relative to itself, in ``ignored_checkpoint_prefixes``;
+:func:`load_pretrained` accepts and reports those keys.
+
 Example::
 
     model = timm.create_model("resnet50", block_args=dict(attn_layer="cbam"), num_classes=100)

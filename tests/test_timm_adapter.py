@@ -237,7 +237,12 @@ def test_second_swap_finds_nothing():
 
 @pytest.mark.parametrize(
     "kwargs, error",
-    [(dict(hidden_channels=0), ValueError), (dict(context_kernel=2), ValueError), (dict(no_such_option=1), TypeError)],
+    [
+        (dict(hidden_channels=0), ValueError),
+        (dict(context_kernel=2), ValueError),
+        (dict(block_size=0), ValueError),
+        (dict(no_such_option=1), TypeError),
+    ],
 )
 def test_failed_swap_leaves_model_unchanged(kwargs, error):
     model = make()
