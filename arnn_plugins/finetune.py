@@ -220,7 +220,9 @@ def load_pretrained(
 
     report = PretrainedLoad()
     report.excluded = sorted({k for k in sd if excluded(k)} | {k for k in own if excluded(k)})
-    report.ignored = sorted(k for k in sd if not excluded(k) and k not in own and any(k.startswith(p) for p in ignore_prefixes))
+    report.ignored = sorted(
+        k for k in sd if not excluded(k) and k not in own and any(k.startswith(p) for p in ignore_prefixes)
+    )
     ckpt = {k: v for k, v in sd.items() if not excluded(k) and k not in report.ignored}
 
     missing = [k for k in own if k not in ckpt and not excluded(k)]
