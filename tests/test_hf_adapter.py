@@ -191,6 +191,43 @@ def test_pretrained_checkpoint_loads_then_gets_gates(kind, tmp_path):
     assert (logits(gated_model) - ref).abs().max().item() <= 1e-6
 
 
+def test_fine_tuned_gated_checkpoint_reloads(tmp_path):
+    from safetensors.torch import load_file
+
+    model = make("resnet-bottleneck")
+    ap.insert_attention(model, hidden_channels=4)
+    randomise_gates(model)  # stands for fine-tuned gates
+    out = logits(model)
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert any("arnn_gate" in k for k in state)  # the gates are saved with the model
+
+    # from_pretrained builds the plain model (gate keys are ignored), then the
+    # same insert_attention call and the saved state bring the gates back.
+    reloaded = transformers.ResNetForImageClassification.from_pretrained(tmp_path).eval()
+    assert not gated(reloaded)
+    ap.insert_attention(reloaded, hidden_channels=4)
+    reloaded.load_state_dict(state)
+    assert torch.equal(logits(reloaded), out)
+
+
+def test_resnet_backbone_feature_maps_include_gates():
+    config = resnet_config("basic")
+    config.out_features = ["stage2", "stage4"]
+    torch.manual_seed(0)
+    backbone = transformers.ResNetBackbone(config).eval()
+    with torch.no_grad():
+        plain = backbone(pixel_values=X).feature_maps
+    names = ap.insert_attention(backbone, hidden_channels=4)
+    assert names == [f"{b}.arnn_gate" for b in resnet_blocks((2, 3, 4), prefix="")]
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(backbone(pixel_values=X).feature_maps, plain))
+    randomise_gates(backbone)
+    with torch.no_grad():
+        gated_maps = backbone(pixel_values=X).feature_maps
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(gated_maps, plain))
+
+
 def test_convnext_records_of_stage_outputs_include_gates():
     # transformers records ConvNeXt stage outputs with forward hooks that it
     # installs at the first forward asking for them; gates sit inside the
