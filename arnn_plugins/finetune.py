@@ -223,7 +223,8 @@ def load_pretrained(
     report.ignored = sorted(
         k for k in sd if not excluded(k) and k not in own and any(k.startswith(p) for p in ignore_prefixes)
     )
-    ckpt = {k: v for k, v in sd.items() if not excluded(k) and k not in report.ignored}
+    dropped = set(report.ignored)
+    ckpt = {k: v for k, v in sd.items() if not excluded(k) and k not in dropped}
 
     missing = [k for k in own if k not in ckpt and not excluded(k)]
     report.missing_arnn = [k for k in missing if any(_under(k, p) for p in arnn_prefixes)]
