@@ -81,7 +81,7 @@ def test_answer_is_the_colour_under_the_target_mask():
     answers = set()
     for i in range(len(ds)):
         s = ds.sample(i)
-        pix = s.image[s.mask]  # (k, 3): colour * digit intensity
+        pix = s.image[:, s.mask].T  # (k, 3): colour * digit intensity
         direction = pix.mean(0) / pix.mean(0).max()
         nearest = int(np.argmin(((COLOUR_RGB - direction) ** 2).sum(1)))
         assert nearest == s.answer, (i, direction, COLOURS[s.answer])
@@ -97,11 +97,11 @@ def test_mdist_is_noisier_than_mref_with_the_same_layout():
         a, b = ref.sample(i), dist.sample(i)
         assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.mask, b.mask) and a.answer == b.answer
         free = _outside_boxes(a)
-        assert a.image[free].std() == 0.0 and a.image[free].max() == 0.0  # black
-        assert b.image[free].std() > 0.1
+        assert a.image[:, free].std() == 0.0 and a.image[:, free].max() == 0.0  # black
+        assert b.image[:, free].std() > 0.1
         assert b.image.std() > a.image.std() * 0.9
     # Different items get different noise.
-    assert not np.array_equal(dist.sample(0).image[:10, :10], dist.sample(1).image[:10, :10])
+    assert not np.array_equal(dist.sample(0).image[:, :10, :10], dist.sample(1).image[:, :10, :10])
 
 
 def test_mbg_background_is_a_photograph():
@@ -109,7 +109,7 @@ def test_mbg_background_is_a_photograph():
     means = []
     for i in range(6):
         s = ds.sample(i)
-        bg = s.image[_outside_boxes(s)]
+        bg = s.image[:, _outside_boxes(s)].T
         assert bg.mean() > 0.05 and bg.std() > 0.02
         means.append(bg.mean(0))
     assert np.ptp(np.array(means), axis=0).max() > 0.02  # not one constant background
@@ -158,7 +158,7 @@ def test_inverse_task_answers_the_digit_of_the_queried_colour():
         s = ds.sample(i)
         assert s.answer == s.classes[s.target] and s.query == s.colours[s.target]
         assert (s.colours == s.query).sum() == 1  # the queried colour is unique
-        pix = s.image[s.mask].mean(0)
+        pix = s.image[:, s.mask].mean(1)
         np.testing.assert_allclose(pix / pix.max(), COLOUR_RGB[s.query], atol=1e-5)
 
 

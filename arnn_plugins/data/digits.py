@@ -35,7 +35,7 @@ _TRAIN_END = 50_000  # first validation image among MNIST's 60,000 training imag
 _TEST_OFFSET = 60_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DigitSet:
     """A split of MNIST digits.
 

@@ -152,7 +152,7 @@ class MultiDigitSample:
     """One generated image with everything that went into it.
 
     Attributes:
-        image: ``(H, W, 3)`` float32 in [0, 1].
+        image: ``(3, H, W)`` float32 in [0, 1].
         mask: ``(H, W)`` bool, the target digit's pixels.
         query: digit class (task ``"color"``) or colour index (task ``"digit"``).
         answer: colour index (task ``"color"``) or digit class (task ``"digit"``).
@@ -312,7 +312,7 @@ class MultiDigitDataset(Dataset):
 
     def __getitem__(self, index: int):
         s = self.sample(index)
-        image = torch.from_numpy(np.ascontiguousarray(s.image.transpose(2, 0, 1)))
+        image = torch.from_numpy(s.image)
         mask = torch.from_numpy(s.mask)
         if self.return_tuple:
             return image, s.query, s.answer, mask
@@ -356,7 +356,7 @@ class MultiDigitDataset(Dataset):
                     ok = False
                     break
                 scales[k], boxes[k], patches[k] = placed
-                placed_boxes.append(boxes[k])
+                placed_boxes.append(tuple(int(v) for v in boxes[k]))
             if ok:
                 return classes, colours, scales, boxes, patches, pos, target
         raise RuntimeError(
@@ -377,7 +377,9 @@ class MultiDigitDataset(Dataset):
                 flat = free[rng.integers(free.size)]
                 fy, fx = divmod(int(flat), size - bw + 1)
                 patch = _resize_matrix(ink.shape[0], bh) @ ink.astype(np.float32) @ _resize_matrix(ink.shape[1], bw).T
-                return scale, (fy, fx, fy + bh, fx + bw), np.clip(patch * (1.0 / 255.0), 0.0, 1.0)
+                patch *= 1.0 / 255.0
+                # Rows of the weights are convex, so only rounding can pass 1.
+                return scale, (fy, fx, fy + bh, fx + bw), np.minimum(patch, 1.0, out=patch)
             if scale * _SHRINK < smin:
                 return None
             scale *= _SHRINK
@@ -388,21 +390,22 @@ class MultiDigitDataset(Dataset):
         if self._noise is None:
             rng = np.random.default_rng([self.seed, _SPLIT_CODE[self.split], 2**31])
             side = 4 * self.size
-            noise = rng.standard_normal((side, side, 3), dtype=np.float32) * self.noise_std
+            noise = rng.standard_normal((3, side, side), dtype=np.float32) * self.noise_std
             self._noise = np.clip(noise, 0.0, 1.0)
         return self._noise
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         size = self.size
         if self.variant == "mref":
-            return np.zeros((size, size, 3), dtype=np.float32)
+            return np.zeros((3, size, size), dtype=np.float32)
         if self.variant == "mdist":
             field = self._noise_field()
-            y0, x0 = rng.integers(field.shape[0] - size + 1, size=2)
-            window = field[y0:y0 + size, x0:x0 + size]
+            y0, x0 = rng.integers(field.shape[1] - size + 1, size=2)
+            window = field[:, y0:y0 + size, x0:x0 + size]
             k = int(rng.integers(8))  # one of the 8 flips / rotations
-            window = np.rot90(window, k % 4)
-            return np.array(window[:, ::-1] if k >= 4 else window, dtype=np.float32, order="C")  # a copy: never a view of the field
+            window = np.rot90(window, k % 4, axes=(1, 2))
+            # A copy, never a view: the image is drawn on in place.
+            return np.array(window[:, :, ::-1] if k >= 4 else window, dtype=np.float32, order="C")
         photo = self._backgrounds[int(rng.integers(len(self._backgrounds)))]
         w, h = photo.size
         side = max(1, int(round(min(w, h) * rng.uniform(0.3, 1.0))))
@@ -410,16 +413,19 @@ class MultiDigitDataset(Dataset):
         crop = photo.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side), reducing_gap=2.0)
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        return np.asarray(crop, dtype=np.float32) * (1.0 / 255.0)
+        out = np.ascontiguousarray(np.asarray(crop).transpose(2, 0, 1), dtype=np.float32)
+        out *= 1.0 / 255.0
+        return out
 
     def _compose(self, background, classes, colours, scales, boxes, patches, pos, target) -> MultiDigitSample:
         size = self.size
         image = background if background.flags.writeable else background.copy()
         for k, (y0, x0, y1, x1) in enumerate(boxes):
-            d = patches[k][..., None]
-            region = image[y0:y1, x0:x1]
+            # Channel-first keeps numpy's inner loops long and contiguous.
+            d = patches[k]
+            region = image[:, y0:y1, x0:x1]
             region *= 1.0 - d
-            region += d * COLOUR_RGB[colours[k]]
+            region += COLOUR_RGB[colours[k]][:, None, None] * d
         mask = np.zeros((size, size), dtype=bool)
         y0, x0, y1, x1 = boxes[target]
         p = patches[target]
@@ -496,7 +502,7 @@ def make_multidigit(
     }
     for i in range(n):
         s = ds.sample(i)
-        out["image"][i] = torch.from_numpy(s.image).permute(2, 0, 1)
+        out["image"][i] = torch.from_numpy(s.image)
         out["query"][i] = s.query
         out["answer"][i] = s.answer
         out["mask"][i] = torch.from_numpy(s.mask)

@@ -159,8 +159,8 @@ class PAN(nn.Module):
         channels: conv channels per stack.
         num_stacks: conv + pool stacks (4; 5 for the 224 px variant).
         batch_norm: add BatchNorm after each conv.
-        hidden_channels: LSTM width of the ARNN kinds, hidden width of the
-            local / soft attention.
+        hidden_channels: LSTM width of the ARNN kinds; the local and soft
+            attention use twice this as their hidden width.
         block_size: BRNN block size ``gamma`` (``brnn`` only).
         head_hidden: width of the head's hidden layer.
         backend: ARNN recurrence backend.
