@@ -12,6 +12,7 @@ from .registry import (
 )
 from .scan import available_backends, diagonal_lstm
 from . import fused_scan as _fused_scan  # noqa: F401  (registers backend="fused")
+from . import triton_scan as _triton_scan  # noqa: F401  (registers backend="triton" when triton imports)
 
 __version__ = "0.1.0"
 

@@ -102,6 +102,7 @@ def train_mask_model(
     return model, {
         "iou": _iou(logits, yte),
         "pixel_acc": ((logits > 0) == (yte > 0.5)).float().mean().item(),
+        "bce": F.binary_cross_entropy_with_logits(logits, yte).item(),
         "steps": steps,
         "ms_per_step": 1e3 * elapsed / max(steps, 1),
     }

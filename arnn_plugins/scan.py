@@ -43,11 +43,13 @@ def available_backends() -> list:
     return sorted(_IMPLS)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``"auto"`` into a concrete backend for ``device``."""
+def resolve_backend(backend: str, device: torch.device, hidden: int = 16, height: int = 32) -> str:
+    """Turn ``"auto"`` into a concrete backend for ``device`` and the scan's size."""
     if backend != "auto":
         return backend
-    if device.type == "cuda" and "triton" in _IMPLS:
+    # The Triton kernel keeps a whole (H, t) state tile in registers; past
+    # these sizes it spills and the fused path is the safer choice.
+    if device.type == "cuda" and "triton" in _IMPLS and hidden <= 32 and height <= 64:
         return "triton"
     if "fused" in _IMPLS:
         return "fused"
@@ -74,7 +76,7 @@ def diagonal_lstm(gx: torch.Tensor, weight_hh: torch.Tensor, backend: str = "aut
     Returns:
         ``(B, D, t, H, W)`` hidden states, in ``gx``'s dtype.
     """
-    name = resolve_backend(backend, gx.device)
+    name = resolve_backend(backend, gx.device, gx.shape[2] // 4, gx.shape[3])
     if name not in _IMPLS:
         raise ValueError(
             f"AttentionRNN: backend {backend!r} is not available here; "

@@ -1,0 +1,78 @@
+"""The command line: list, demo and bench on tiny settings."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from arnn_plugins import AttentionRNN
+from arnn_plugins.bench import bench_layer, format_table, naive_scan
+from arnn_plugins.cli import main
+from arnn_plugins.demo import outline_task, train_mask_model
+from arnn_plugins.scan import reference_scan
+
+
+def test_list_shows_layers_backends_and_adapters(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for word in ["AttentionRNN", "BlockAttentionRNN", "fused", "reference", "timm_cbam", "torchvision_resnet"]:
+        assert word in out
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "arnn_plugins.cli", "list"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "adapters:" in r.stdout
+
+
+def test_unknown_command_exits_2():
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_outline_task_targets_are_rectangle_interiors():
+    x, y = outline_task(8, size=20, seed=3, noise=0.0)
+    assert x.shape == y.shape == (8, 1, 20, 20)
+    # Interiors carry no signal and outlines are never part of the target.
+    assert (x[y > 0] == 0).all()
+    assert (y[x > 0] == 0).all()
+    assert y.sum() > 0
+    x2, y2 = outline_task(8, size=20, seed=3, noise=0.0)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_demo_writes_png(tmp_path, capsys):
+    out = tmp_path / "masks.png"
+    assert main(["demo", "--seconds", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "local" in text and "arnn" in text and "IoU" in text
+    img = Image.open(out)
+    assert img.size[0] > 4 * 24 and img.size[1] > 6 * 24
+
+
+def test_training_lowers_the_loss_on_the_outline_task():
+    torch.manual_seed(0)
+    x, y = outline_task(32, size=12, seed=0)
+    _, before = train_mask_model("arnn", (x, y, x, y), seconds=0, max_steps=0)
+    _, after = train_mask_model("arnn", (x, y, x, y), seconds=float("inf"), max_steps=20, batch=8)
+    assert after["steps"] == 20
+    assert after["bce"] < 0.9 * before["bce"]
+
+
+def test_naive_peer_uses_the_same_kernel_taps():
+    # Row 0 has no padding cells to its left, so the naive peer (which does
+    # not mask padding) must agree with the reference there exactly.
+    torch.manual_seed(0)
+    gx, wh = torch.randn(2, 2, 12, 4, 5), torch.randn(2, 12, 3, 2)
+    assert torch.allclose(naive_scan(gx, wh)[..., 0, :], reference_scan(gx, wh)[..., 0, :], atol=1e-6)
+
+
+def test_bench_layer_rows_and_table():
+    rows = bench_layer(batch=2, channels=4, size=5, hidden=3, backends=["reference", "fused"], repeats=1)
+    assert [r.name for r in rows] == ["reference", "fused"]
+    assert rows[0].ratio == pytest.approx(1.0)
+    assert all(r.fwd_ms > 0 and r.fwdbwd_ms > 0 and r.mem_mb > 0 for r in rows)
+    table = format_table("t", rows, "speed-up")
+    assert "| fused |" in table and "| reference |" in table
