@@ -12,6 +12,7 @@ from arnn_plugins.models.pan import (
     LocalAttention,
     evaluate_pan,
     mask_correctness,
+    train_pan,
 )
 
 SIZE = 32  # maps of 16, 8, 4, 2 after the four pooling stacks
@@ -197,3 +198,16 @@ def test_evaluate_pan_matches_a_manual_count():
     assert res["accuracy"] == pytest.approx((logits.argmax(1) == batch["answer"]).float().mean().item())
     assert res["correctness"] == pytest.approx(mask_correctness(masks, batch["mask"]).mean().item(), abs=1e-6)
     assert sum(v == v for v in res["per_scale"].values()) >= 1  # some scale bins are filled
+
+
+def test_train_pan_fits_a_small_set():
+    from arnn_plugins.data import MultiDigitDataset
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    ds = MultiDigitDataset("mref", "train", 16, size=SIZE, seed=0)
+    model = PAN("ctx", image_size=SIZE)
+    history = train_pan(model, DataLoader(ds, batch_size=16), epochs=20, lr=3e-3)
+    assert len(history) == 20 and history[-1] < 0.75 * history[0]
+    with pytest.raises(ValueError, match="train_pan: epochs"):
+        train_pan(model, [], epochs=0)

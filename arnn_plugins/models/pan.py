@@ -49,6 +49,7 @@ __all__ = [
     "SoftAttention",
     "mask_correctness",
     "evaluate_pan",
+    "train_pan",
 ]
 
 ATTENTION_KINDS = ("none", "san", "noctx", "ctx", "arnn", "arnn_ind", "arnn_sample", "brnn")
@@ -365,6 +366,39 @@ def evaluate_pan(model: PAN, loader, device=None, scale_bins: Sequence[float] = 
     }
     n = max(total, 1)
     return {"accuracy": correct / n, "correctness": corr_sum / n, "per_scale": per_scale, "count": total}
+
+
+def train_pan(model: PAN, loader, epochs: int = 1, lr: float = 1e-3, device=None,
+              progress: bool = False) -> List[float]:
+    """Train ``model`` with Adam on cross-entropy; returns the mean loss per epoch.
+
+    ``loader`` yields dicts as :class:`~arnn_plugins.data.MultiDigitDataset`
+    gives them (``image`` ``(B, 3, H, W)``, ``query`` ``(B,)``, ``answer``
+    ``(B,)``). ``progress`` shows a tqdm bar per epoch.
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"train_pan: epochs must be a positive int, got {epochs!r}")
+    device = device or next(model.parameters()).device
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        batches = loader
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+        for batch in batches:
+            logits, _ = model(batch["image"].to(device), batch["query"].to(device))
+            loss = F.cross_entropy(logits, batch["answer"].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * logits.shape[0]
+            count += logits.shape[0]
+        history.append(total / max(count, 1))
+    return history
 
 
 # -- swap adapter ---------------------------------------------------------------------
