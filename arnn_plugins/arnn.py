@@ -4,7 +4,7 @@ The whole layer, in order:
 
 1. local context ``Xc = K_c * X`` (a ``delta x delta`` conv, or any module),
    with an optional query projected and broadcast over space, concatenated;
-2. input part of the LSTM gates for both directions in one 1x1 conv
+2. input part of the LSTM gates for both directions in one grouped 1x1 conv
    (``K_x``; it commutes with skewing and mirroring, so it runs on the image);
 3. two diagonal LSTMs (:func:`arnn_plugins.scan.diagonal_lstm`): left-to-right
    on the image (top-left quadrant) and on the mirrored image (top-right),
@@ -177,8 +177,11 @@ class AttentionRNN(nn.Module):
             context_net = nn.Conv2d(in_channels, context_channels, context_kernel, padding=context_kernel // 2)
         self.context = context_net
         self.query_proj = nn.Linear(query_channels, t) if query_channels else None
-        # K_x for both directions at once: channels [left 4t | right 4t].
-        self.input_proj = nn.Conv2d(context_channels + (t if query_channels else 0), 2 * 4 * t, 1)
+        # K_x for both directions at once, a grouped 1x1 conv over
+        # [context, mirrored context]: output channels [left 4t | right 4t],
+        # each already in its own scan frame.
+        cin = context_channels + (t if query_channels else 0)
+        self.input_proj = nn.Conv2d(2 * cin, 2 * 4 * t, 1, groups=2)
         # K_h per direction, a 2x1 kernel: [..., 0] upper neighbour, [..., 1] left.
         self.weight_hh = nn.Parameter(torch.empty(2, 4 * t, t, 2))
         # (mu, raw sigma) per direction from that direction's hidden state.
@@ -229,9 +232,11 @@ class AttentionRNN(nn.Module):
             q = self.query_proj(query.to(xc.dtype))
             xc = torch.cat([xc, q[:, :, None, None].expand(b, t, h, w).to(xc.dtype)], dim=1)
 
-        gx = self.input_proj(xc).view(b, 2, 4 * t, h, w)
-        # The right-to-left direction scans the mirrored image.
-        gx = torch.stack([gx[:, 0], gx[:, 1].flip(-1)], dim=1)
+        # The right-to-left direction scans the mirrored image. Mirroring the
+        # (narrow) context instead of the (8t-wide) gates saves a large copy,
+        # and channels-last gates give the scan contiguous per-cell vectors.
+        xc2 = torch.cat([xc, xc.flip(-1)], dim=1).contiguous(memory_format=torch.channels_last)
+        gx = self.input_proj(xc2).view(b, 2, 4 * t, h, w)
         hid = diagonal_lstm(gx, self.weight_hh, self.backend)  # (B, 2, t, H, W)
         h_l, h_r = hid[:, 0], hid[:, 1].flip(-1)
         if self.shift:

@@ -27,11 +27,12 @@ __all__ = ["fused_scan"]
 
 
 @lru_cache(maxsize=64)
-def _plan(h: int, w: int) -> Tuple[List[Tuple[int, int, int]], torch.Tensor]:
-    """Steps ``(lo, hi, offset)`` over anti-diagonals and the flat cell order.
+def _plan(h: int, w: int) -> Tuple[List[Tuple[int, int, int]], torch.Tensor, torch.Tensor]:
+    """Steps ``(lo, hi, offset)`` over anti-diagonals, the cell order and its inverse.
 
     ``order[offset + r]`` is the flat image index ``i * W + j`` of row
     ``i = lo + r`` on anti-diagonal ``k``; offsets count cells.
+    ``inverse[i * W + j]`` is that cell's position in step order.
     """
     steps, order, off = [], [], 0
     for k in range(w + h - 1):
@@ -39,21 +40,28 @@ def _plan(h: int, w: int) -> Tuple[List[Tuple[int, int, int]], torch.Tensor]:
         steps.append((lo, hi, off))
         order.extend(i * w + (k - i) for i in range(lo, hi + 1))
         off += hi - lo + 1
-    return steps, torch.tensor(order, dtype=torch.long)
+    order_t = torch.tensor(order, dtype=torch.long)
+    return steps, order_t, torch.argsort(order_t)
 
 
 def _to_steps(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``(B, D, F, H, W)`` -> ``(D, cells, B, F)`` in anti-diagonal cell order."""
+    """``(B, D, F, H, W)`` -> ``(D, cells, B, F)`` in anti-diagonal cell order.
+
+    One gather; cheapest when ``x`` is channels-last (``F`` innermost).
+    """
     b, d, f, h, w = x.shape
     return x.permute(1, 3, 4, 0, 2).reshape(d, h * w, b, f).index_select(1, order)
 
 
-def _from_steps(y: torch.Tensor, order: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`_to_steps`: ``(D, cells, B, F)`` -> ``(B, D, F, H, W)``."""
+def _from_steps(y: torch.Tensor, inverse: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`_to_steps`: ``(D, cells, B, F)`` -> ``(B, D, F, H, W)``.
+
+    The result is stored channels-last (memory order ``B, H, W, D, F``), the
+    layout the surrounding 1x1 convs read and write fastest.
+    """
     d, cells, b, f = y.shape
-    out = y.new_empty(d, cells, b, f)
-    out.index_copy_(1, order, y)
-    return out.view(d, h, w, b, f).permute(3, 0, 4, 1, 2)
+    out = y.permute(2, 1, 0, 3).index_select(1, inverse)  # (B, H*W, D, F), contiguous
+    return out.view(b, h, w, d, f).permute(0, 3, 4, 1, 2)
 
 
 class _FusedScan(torch.autograd.Function):
@@ -61,15 +69,22 @@ class _FusedScan(torch.autograd.Function):
     def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
         b, d, g4, h, w = gx.shape
         t = g4 // 4
-        steps, order = _plan(h, w)
-        order = order.to(gx.device)
+        steps, order, inverse = _plan(h, w)
+        order, inverse = order.to(gx.device), inverse.to(gx.device)
         w_up = weight_hh[..., 0].transpose(1, 2).contiguous()  # (D, t, 4t)
         w_left = weight_hh[..., 1].transpose(1, 2).contiguous()
 
         # Gate activations are written over the gathered inputs in place.
         acts = _to_steps(gx, order)  # (D, cells, B, 4t)
-        hbuf = gx.new_zeros(len(steps) + 1, d, h + 1, b, t)
-        cbuf = gx.new_zeros(len(steps) + 1, d, h + 1, b, t)
+        hbuf = gx.new_empty(len(steps) + 1, d, h + 1, b, t)
+        cbuf = gx.new_empty(len(steps) + 1, d, h + 1, b, t)
+        # Only states that are read without having been written must be
+        # zero: the padding row above the image, and at step k the row k
+        # (column -1 of it, left of the image) of the previous column.
+        diag = torch.arange(min(h, len(steps)), device=gx.device)
+        for buf in (hbuf, cbuf):
+            buf[:, :, 0] = 0
+            buf[diag, :, diag + 1] = 0
         for k, (lo, hi, off) in enumerate(steps):
             n = hi - lo + 1
             z = acts[:, off : off + n]  # (D, n, B, 4t) view
@@ -85,15 +100,15 @@ class _FusedScan(torch.autograd.Function):
             torch.mul(o, torch.tanh(c), out=hbuf[k + 1, :, lo + 1 : hi + 2])
         # States of the cells, in step order, for the output.
         hs = torch.cat([hbuf[k + 1, :, lo + 1 : hi + 2] for k, (lo, hi, _) in enumerate(steps)], dim=1)
-        ctx.save_for_backward(acts, hbuf, cbuf, w_up, w_left, order)
+        ctx.save_for_backward(acts, hbuf, cbuf, w_up, w_left, order, inverse)
         ctx.shape = (b, d, t, h, w)
-        return _from_steps(hs, order, h, w)
+        return _from_steps(hs, inverse, h, w)
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
-        acts, hbuf, cbuf, w_up, w_left, order = ctx.saved_tensors
+        acts, hbuf, cbuf, w_up, w_left, order, inverse = ctx.saved_tensors
         b, d, t, h, w = ctx.shape
-        steps, _ = _plan(h, w)
+        steps = _plan(h, w)[0]
         g_out = _to_steps(grad_h, order)  # (D, cells, B, t)
         dz_all = torch.empty_like(acts)
         d_up = torch.zeros_like(w_up)
@@ -125,7 +140,7 @@ class _FusedScan(torch.autograd.Function):
             carry_h[:, lo + 1 : hi + 2] += back[..., t:]
             carry_c.zero_()
             carry_c[:, lo + 1 : hi + 2] = dc.mul_(f)
-        grad_gx = _from_steps(dz_all, order, h, w)
+        grad_gx = _from_steps(dz_all, inverse, h, w)
         grad_w = torch.stack([d_up.transpose(1, 2), d_left.transpose(1, 2)], dim=-1)
         return grad_gx, grad_w
 
