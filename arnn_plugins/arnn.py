@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scan import BACKENDS, diagonal_lstm
+from .scan import BACKENDS, available_backends, diagonal_lstm
 
 __all__ = ["AttentionRNN", "BlockAttentionRNN", "ARNNStats", "COMBINE_MODES"]
 
@@ -149,7 +149,7 @@ class AttentionRNN(nn.Module):
             raise TypeError(f"AttentionRNN: context_net must be an nn.Module, got {type(context_net).__name__}")
         if combine not in COMBINE_MODES:
             raise ValueError(f"AttentionRNN: combine must be one of {COMBINE_MODES}, got {combine!r}")
-        if backend not in BACKENDS:
+        if backend not in BACKENDS and backend not in available_backends():
             raise ValueError(f"AttentionRNN: backend must be one of {BACKENDS}, got {backend!r}")
         if min_sigma <= 0:
             raise ValueError(f"AttentionRNN: min_sigma must be > 0, got {min_sigma!r}")
