@@ -83,16 +83,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (allocations, kernel compilation)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _interleaved_medians(cases: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                         progress: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
+    """Median ms per case, the repeats taken round-robin over the cases.
+
+    On a shared machine the load drifts; interleaving makes every case see
+    the same drift, so ratios between cases stay meaningful.
+    """
+    for name, fn in cases.items():  # warm-up (allocations, kernel compilation)
+        if progress:
+            progress(f"warm-up {name}")
         fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    for r in range(repeats):
+        for name, fn in cases.items():
+            if progress:
+                progress(f"{name} ({r + 1}/{repeats})")
+            times[name].append(_time_ms(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _saved_mb(fn: Callable[[], torch.Tensor]) -> float:
@@ -140,27 +156,25 @@ def bench_layer(
         backends = ["naive", "reference", "fused"] + (["triton"] if dev.type == "cuda" and "triton" in available_backends() else [])
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size, device=dev)
+    xg = x.clone().requires_grad_(True)
     base = AttentionRNN(channels, hidden_channels=hidden).to(dev)
-    rows = []
+    fwd, fwdbwd, mem = {}, {}, {}
     for name in backends:
-        if progress:
-            progress(f"layer {name}")
         m = AttentionRNN(channels, hidden_channels=hidden, backend=name).to(dev)
         m.load_state_dict(base.state_dict())
-        xg = x.clone().requires_grad_(True)
 
-        def fwd():
+        def f(m=m):
             with torch.no_grad():
                 return m(x)
 
-        def fwdbwd():
+        def fb(m=m):
             m.zero_grad(set_to_none=True)
             m(xg).sum().backward()
 
-        f_ms = _median_ms(fwd, dev, repeats)
-        fb_ms = _median_ms(fwdbwd, dev, repeats)
-        mem = _peak_mb(fwdbwd, dev) if dev.type == "cuda" else _saved_mb(lambda: m(xg))
-        rows.append(Row(name, f_ms, fb_ms, mem))
+        fwd[f"{name} fwd"], fwdbwd[f"{name} fwd+bwd"] = f, fb
+        mem[name] = _peak_mb(fb, dev) if dev.type == "cuda" else _saved_mb(lambda m=m: m(xg))
+    ms = _interleaved_medians({**fwd, **fwdbwd}, dev, repeats, progress)
+    rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} fwd+bwd"], mem[n]) for n in backends]
     ref = next((r for r in rows if r.name == "reference"), None)
     for r in rows:
         r.ratio = ref.fwdbwd_ms / r.fwdbwd_ms if ref else None
@@ -195,28 +209,26 @@ def bench_resnet(
     arnn = timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam"))
     swap_attention(arnn, mode="replace", backend=backend)
     models["resnet18+cbam+arnn"] = arnn
-    rows = []
+    fwd, steps, mem = {}, {}, {}
     for name, model in models.items():
-        if progress:
-            progress(f"train step {name}")
         model.to(dev).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-        def step():
+        def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
             with torch.autocast(dev.type, enabled=amp, dtype=torch.bfloat16 if dev.type == "cpu" else torch.float16):
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
 
-        def fwd():
+        def f(model=model):
             with torch.no_grad(), torch.autocast(dev.type, enabled=amp):
                 model(x)
 
-        f_ms = _median_ms(fwd, dev, repeats)
-        s_ms = _median_ms(step, dev, repeats)
-        mem = _peak_mb(step, dev) if dev.type == "cuda" else float("nan")
-        rows.append(Row(name, f_ms, s_ms, mem))
+        fwd[f"{name} fwd"], steps[f"{name} step"] = f, step
+        mem[name] = _peak_mb(step, dev) if dev.type == "cuda" else float("nan")
+    ms = _interleaved_medians({**fwd, **steps}, dev, repeats, progress)
+    rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} step"], mem[n]) for n in models]
     cbam = rows[1].fwdbwd_ms
     for r in rows:
         r.ratio = r.fwdbwd_ms / cbam
@@ -245,11 +257,10 @@ def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool 
 
     dev = torch.device(device)
     parts = []
-    n = (4 if layer else 0) + (3 if resnet else 0)
-    with tqdm(total=n, desc="bench", unit="case") as bar:
+    with tqdm(desc="bench", unit="run") as bar:
         def progress(msg):
-            bar.set_postfix_str(msg)
             bar.update(1)
+            bar.set_postfix_str(msg)
 
         if layer:
             s = size or (56 if dev.type == "cuda" else 32)
@@ -265,6 +276,4 @@ def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool 
             parts.append(format_table(
                 f"timm ResNet18 train step, batch {b}, 128x128, {device}{' AMP' if amp else ''}",
                 rows, "time vs +CBAM", step_label="train step ms"))
-        bar.n = bar.total
-        bar.refresh()
     return "\n\n".join(parts)
