@@ -24,9 +24,143 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_outline_demo
+    _check_device(args.device)
+    if args.outline:
+        from .demo import run_outline_demo
 
-    run_outline_demo(out=args.out, seconds=args.seconds)
+        run_outline_demo(out=args.out, seconds=args.seconds)
+        return 0
+    from .demo import run_pan_demo
+
+    run_pan_demo(quick=args.quick, out=args.out, work_dir=args.work_dir, device=args.device,
+                 progress=not args.no_progress)
+    return 0
+
+
+def _check_device(device) -> None:
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA device is available")
+    elif device not in (None, "cpu"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+
+
+def _load(args):
+    from .engine import load_config
+
+    _check_device(args.device)
+    return load_config(args.config, args.cfg_options)
+
+
+def _runner(cfg, args, **kw):
+    from .engine import build_runner
+
+    try:
+        return build_runner(cfg, work_dir=args.work_dir, device=args.device, **kw)
+    except KeyError as e:  # mmengine's registries say "X is not in the Y registry"
+        raise ValueError(f"bad config {args.config}: {e.args[0] if e.args else e}") from e
+
+
+def _cmd_train(args) -> int:
+    from .engine import checkpoint_loading
+
+    cfg = _load(args)
+    runner = _runner(cfg, args, amp=args.amp, resume=args.resume)
+    with checkpoint_loading():
+        runner.train()
+    ckpt = _last_checkpoint(runner.work_dir)
+    print(f"trained to iteration {runner.iter} (epoch {runner.epoch}); checkpoint: {ckpt}")
+    return 0
+
+
+def _last_checkpoint(work_dir: str):
+    import os
+
+    path = os.path.join(work_dir, "last_checkpoint")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read().strip()
+    return None
+
+
+def _cmd_eval(args) -> int:
+    import json
+    import os
+
+    from .engine import checkpoint_loading
+
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    cfg = _load(args)
+    runner = _runner(cfg, args, load_from=args.checkpoint)
+    with checkpoint_loading():
+        metrics = runner.test() if args.test or not cfg.get("val_dataloader") else runner.val()
+    metrics = {k: float(v) for k, v in metrics.items()}
+    for k, v in metrics.items():
+        print(f"{k}: {v:.4f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(metrics, f, indent=1)
+    return 0
+
+
+def _cmd_show(args) -> int:
+    import os
+
+    import torch
+    from mmengine.registry import DATASETS, MODELS
+    from mmengine.runner import load_checkpoint
+
+    from .demo import mask_panel_png, pan_masks
+    from .engine import checkpoint_loading, load_config
+
+    if len(args.pairs) % 2:
+        raise ValueError("show: give CONFIG CHECKPOINT pairs (one pair per model)")
+    _check_device(args.device)
+    pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
+    panels, data, task = {}, None, "color"
+    for config, ckpt in pairs:
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+        cfg = load_config(config, args.cfg_options)
+        if cfg.model.get("type") != "PANModel":
+            raise ValueError(f"show: {config} is not a PAN config (model type {cfg.model.get('type')!r})")
+        try:
+            model = MODELS.build(cfg.model)
+        except KeyError as e:
+            raise ValueError(f"bad config {config}: {e.args[0] if e.args else e}") from e
+        with checkpoint_loading():
+            load_checkpoint(model, ckpt, map_location="cpu", logger="silent")
+        if data is None:
+            loader = cfg.get(f"{args.split}_dataloader")
+            if not loader:
+                raise ValueError(f"show: {config} has no {args.split}_dataloader")
+            ds = DATASETS.build(loader["dataset"])
+            items = [ds[i] for i in range(min(args.num, len(ds)))]
+            data = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "query", "answer", "mask")}
+            task = loader["dataset"].get("task", "color")
+        name = model.pan.attention_kind.upper()
+        while name in panels:
+            name += "'"
+        panels[name] = pan_masks(model, data["image"], data["query"])
+    size = mask_panel_png(args.out, data["image"], data["query"], data["answer"], panels, task=task,
+                          target_masks=data["mask"], scale=args.scale)
+    print(f"masks of {', '.join(panels)} written to {args.out} ({size[0]}x{size[1]})")
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from .experiments import reproduce
+
+    _check_device(args.device)
+    res = reproduce(args.scale, out=args.out, device=args.device, progress=not args.no_progress)
+    import os
+
+    with open(os.path.join(args.out, "results.md")) as f:
+        print(f.read())
+    print(f"written {os.path.join(args.out, 'results.md')} and results.json ({len(res['runs'])} runs)")
     return 0
 
 
@@ -48,6 +182,21 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+class DictAction(argparse.Action):
+    """``KEY=VALUE`` pairs into a dict; values as mmengine reads them (numbers, lists, tuples, bools)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mmengine.config import DictAction as _MM
+
+        out = dict(getattr(namespace, self.dest, None) or {})
+        for kv in values:
+            if "=" not in kv or not kv.split("=", 1)[0]:
+                parser.error(f"{option_string}: expected KEY=VALUE, got {kv!r}")
+            key, val = kv.split("=", 1)
+            out[key] = _MM._parse_iterable(val)
+        setattr(namespace, self.dest, out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``arnn-plugins``."""
     p = argparse.ArgumentParser(prog="arnn-plugins", description="AttentionRNN plugins for model zoos")
@@ -56,10 +205,57 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="layers, variants, backends and adapters")
     s.set_defaults(fn=_cmd_list)
 
-    s = sub.add_parser("demo", help="train local attention and ARNN on a small mask task, write a PNG")
+    s = sub.add_parser("demo", help="main job: train PAN with CTX and with ARNN on small MBG, print a table, "
+                                    "write a PNG of the masks")
+    s.add_argument("--quick", action="store_true", help="the one-minute version")
     s.add_argument("--out", default="arnn_demo.png", help="PNG of the masks")
-    s.add_argument("--seconds", type=float, default=30.0, help="training time per model")
+    s.add_argument("--work-dir", default="work_dirs/demo", help="checkpoints and logs")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--outline", action="store_true", help="the older outline-fill mask task instead")
+    s.add_argument("--seconds", type=float, default=30.0, help="(--outline) training time per model")
     s.set_defaults(fn=_cmd_demo)
+
+    def runner_args(s, work_dir=True):
+        s.add_argument("config", help="mmengine Python config, e.g. configs/pan_mbg_arnn.py")
+        s.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, metavar="KEY=VALUE",
+                       help="override config entries, e.g. train_cfg.max_iters=100 model.attention=ctx")
+        if work_dir:
+            s.add_argument("--work-dir", default=None, help="checkpoints and logs (default work_dirs/<config>)")
+        s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    s = sub.add_parser("train", help="train a config with mmengine's Runner")
+    runner_args(s)
+    s.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU)")
+    s.add_argument("--resume", action="store_true", help="continue from the work dir's last checkpoint")
+    s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint (validation set; --test for the test set)")
+    runner_args(s)
+    s.add_argument("checkpoint")
+    s.add_argument("--test", action="store_true", help="use the config's test set")
+    s.add_argument("--out", default=None, help="also write the metrics as JSON")
+    s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("show", help="masks of one or more PAN checkpoints to a PNG")
+    s.add_argument("pairs", nargs="+", metavar="CONFIG CHECKPOINT",
+                   help="config and checkpoint; repeat the pair for several models side by side")
+    s.add_argument("--out", default="masks.png")
+    s.add_argument("--num", type=int, default=6, help="items (rows)")
+    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--scale", type=int, default=2, help="pixels per image pixel")
+    s.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, metavar="KEY=VALUE")
+    s.add_argument("--device", default=None)
+    s.set_defaults(fn=_cmd_show)
+
+    s = sub.add_parser("reproduce", help="the paper's Table 1, Table 2 and inverse experiment (markdown + JSON)")
+    s.add_argument("--scale", default="small", choices=["tiny", "small", "full"],
+                   help="tiny: seconds (plumbing); small: about an hour on 2 CPU cores; full: paper sizes, GPU")
+    s.add_argument("--tiny", dest="scale", action="store_const", const="tiny", help="same as --scale tiny")
+    s.add_argument("--out", default="arnn_reproduce", help="folder for results.md, results.json and runs/")
+    s.add_argument("--device", default=None)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=_cmd_reproduce)
 
     s = sub.add_parser("bench", help="speed and memory tables")
     s.add_argument("--device", default="cpu")
@@ -79,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"arnn-plugins {args.command}: {e}", file=sys.stderr)
         return 2
 
