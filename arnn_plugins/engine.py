@@ -191,8 +191,14 @@ class MultiDigitTensors(Dataset):
                 torch.save(data, tmp)
                 os.replace(tmp, path)  # atomic: parallel runs never read half a file
         self.data = data
-        self.num_queries = 10 if kwargs.get("task", "color") == "color" else 5
-        self.num_answers = 5 if kwargs.get("task", "color") == "color" else 10
+        color = kwargs.get("task", "color") == "color"
+        self.num_queries = 10 if color else 5
+        self.num_answers = 5 if color else 10
+        from .data import COLOURS
+
+        # mmengine hands this to metrics and visualisers.
+        self.metainfo = dict(task=kwargs.get("task", "color"),
+                             classes=tuple(COLOURS) if color else tuple(str(d) for d in range(10)))
 
     def __len__(self) -> int:
         return self.data["query"].shape[0]
@@ -274,21 +280,29 @@ class CIFAR100Dict(Dataset):
     Args:
         root: folder holding ``cifar-100-python/`` (torchvision layout).
         train: training or test split.
-        augment: random crop (pad 4) and horizontal flip.
+        augment: random crop (pad 4) and horizontal flip (default: ``train``).
+        verify: read through ``torchvision.datasets.CIFAR100``, which checks
+            the published checksums; ``False`` reads the same files without
+            them (re-packed or test copies).
 
     Items: ``{'inputs': (3, 32, 32) normalised float, 'labels': int64}``.
     """
 
-    def __init__(self, root: str, train: bool = True, augment: Optional[bool] = None) -> None:
+    def __init__(self, root: str, train: bool = True, augment: Optional[bool] = None, verify: bool = True) -> None:
         from torchvision import transforms
-        from torchvision.datasets import CIFAR100
 
-        try:
-            self.ds = CIFAR100(root, train=train, download=False)
-        except RuntimeError as e:
-            raise FileNotFoundError(
-                f"CIFAR100Dict: no CIFAR-100 under {root!r} (expected {root}/cifar-100-python); nothing is downloaded"
-            ) from e
+        if verify:
+            from torchvision.datasets import CIFAR100
+
+            try:
+                self.ds = CIFAR100(root, train=train, download=False)
+            except RuntimeError as e:
+                raise FileNotFoundError(
+                    f"CIFAR100Dict: no CIFAR-100 under {root!r} (expected {root}/cifar-100-python with the "
+                    "published checksums); nothing is downloaded"
+                ) from e
+        else:
+            self.ds = _CifarFiles(root, train)
         augment = train if augment is None else augment
         tf = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
         self.transform = transforms.Compose(tf + [transforms.ToTensor(), transforms.Normalize(_CIFAR_MEAN, _CIFAR_STD)])
@@ -299,6 +313,31 @@ class CIFAR100Dict(Dataset):
     def __getitem__(self, i: int) -> dict:
         img, label = self.ds[i]
         return {"inputs": self.transform(img), "labels": torch.tensor(label, dtype=torch.long)}
+
+
+class _CifarFiles:
+    """The pickled batches of a torchvision CIFAR-100 folder, without checksums: items ``(PIL image, label)``."""
+
+    def __init__(self, root: str, train: bool) -> None:
+        import pickle
+
+        import numpy as np
+
+        path = osp.join(root, "cifar-100-python", "train" if train else "test")
+        if not osp.isfile(path):
+            raise FileNotFoundError(f"CIFAR100Dict: no {path}; nothing is downloaded")
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        self.data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self.targets = [int(t) for t in entry["fine_labels"]]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return Image.fromarray(self.data[i]), self.targets[i]
 
 
 @METRICS.register_module()

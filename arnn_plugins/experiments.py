@@ -84,7 +84,7 @@ def pan_config(attention: str, *, variant: str = "mbg", task: str = "color", siz
                n_val: int = 0, n_test: int = 500, iters: int = 240, batch: int = 32, lr: float = 2e-3,
                seed: int = 0, data_seed: int = 0, hidden: int = 16, channels: int = 32, num_stacks: int = 4,
                work_dir: str = "work_dirs/pan", cache_dir: Optional[str] = "default", progress: bool = True,
-               desc: Optional[str] = None, log_level: str = "WARNING", checkpoint: bool = True):
+               desc: Optional[str] = None, log_level: str = "ERROR", checkpoint: bool = True):
     """An mmengine config (as in ``configs/pan_mbg_arnn.py``) for one PAN run.
 
     ``n_val = 0`` trains without validation; the test split (``n_test``

@@ -43,9 +43,9 @@ def test_outline_task_targets_are_rectangle_interiors():
     assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
-def test_demo_writes_png(tmp_path, capsys):
+def test_outline_demo_writes_png(tmp_path, capsys):
     out = tmp_path / "masks.png"
-    assert main(["demo", "--seconds", "1", "--out", str(out)]) == 0
+    assert main(["demo", "--outline", "--seconds", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "local" in text and "arnn" in text and "IoU" in text
     img = Image.open(out)

@@ -1,0 +1,213 @@
+"""The train / eval / show / demo / reproduce commands and the mmengine glue, on tiny configs."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from arnn_plugins.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+TINY = os.path.join(CONFIGS, "pan_tiny.py")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two shared cores: more threads only oversubscribe.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _scalars(work_dir):
+    """The last validation record mmengine logged in ``work_dir``."""
+    recs = []
+    for dirpath, _, files in os.walk(work_dir):
+        if "scalars.json" in files:
+            with open(os.path.join(dirpath, "scalars.json")) as f:
+                recs += [json.loads(line) for line in f if line.strip()]
+    return [r for r in recs if "pan/accuracy" in r][-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """pan_tiny trained for 6 iterations (checkpoints at 3 and 6)."""
+    wd = tmp_path_factory.mktemp("train")
+    torch.set_num_threads(1)
+    assert main(["train", TINY, "--work-dir", str(wd), "--device", "cpu"]) == 0
+    return wd
+
+
+def test_train_writes_checkpoints_and_logs_metrics(trained):
+    assert (trained / "iter_3.pth").is_file() and (trained / "iter_6.pth").is_file()
+    assert (trained / "last_checkpoint").read_text().strip().endswith("iter_6.pth")
+    ck = torch.load(trained / "iter_6.pth", map_location="cpu", weights_only=False)
+    assert ck["meta"]["iter"] == 6
+    assert any(k.startswith("pan.attention.") for k in ck["state_dict"])  # the ARNN layers were trained
+    rec = _scalars(trained)
+    assert 0.0 <= rec["pan/accuracy"] <= 1.0 and 0.0 < rec["pan/correctness"] < 1.0
+
+
+def test_eval_on_the_train_checkpoint_gives_the_logged_metric(trained, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["eval", TINY, str(trained / "iter_6.pth"), "--work-dir", str(tmp_path / "e"), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    logged = _scalars(trained)
+    assert got["pan/accuracy"] == pytest.approx(logged["pan/accuracy"], abs=1e-6)
+    assert got["pan/correctness"] == pytest.approx(logged["pan/correctness"], abs=1e-4)
+    assert "pan/accuracy" in capsys.readouterr().out
+    # Another checkpoint gives other masks, so correctness must change.
+    out3 = tmp_path / "m3.json"
+    assert main(["eval", TINY, str(trained / "iter_3.pth"), "--work-dir", str(tmp_path / "e3"), "--out", str(out3)]) == 0
+    assert json.loads(out3.read_text())["pan/correctness"] != got["pan/correctness"]
+
+
+def test_resume_continues_the_iteration_counter(trained, tmp_path):
+    import shutil
+
+    wd = tmp_path / "resume"
+    shutil.copytree(trained, wd)
+    assert main(["train", TINY, "--work-dir", str(wd), "--resume", "--cfg-options", "train_cfg.max_iters=8"]) == 0
+    ck = torch.load(wd / "iter_8.pth", map_location="cpu", weights_only=False)
+    assert ck["meta"]["iter"] == 8
+    # Only iterations 7 and 8 ran: the step counts of Adam continue from 6.
+    state = next(iter(ck["optimizer"]["state"].values()))
+    assert int(state["step"]) == 8
+    ck6 = torch.load(wd / "iter_6.pth", map_location="cpu", weights_only=False)
+    assert int(next(iter(ck6["optimizer"]["state"].values()))["step"]) == 6
+
+
+def test_cfg_options_change_the_model(tmp_path):
+    wd = tmp_path / "ctx"
+    assert main(["train", TINY, "--work-dir", str(wd), "--cfg-options", "model.attention=ctx",
+                 "train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2"]) == 0
+    sd = torch.load(wd / "iter_2.pth", map_location="cpu", weights_only=False)["state_dict"]
+    assert "pan.attention.0.context.weight" in sd  # LocalAttention's 3x3 context conv
+    assert sd["pan.attention.0.context.weight"].shape[-1] == 3
+
+
+def test_show_writes_masks_of_several_models_side_by_side(trained, tmp_path, capsys):
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    ck = str(trained / "iter_6.pth")
+    assert main(["show", TINY, ck, "--out", str(one), "--num", "3"]) == 0
+    assert main(["show", TINY, ck, TINY, str(trained / "iter_3.pth"), "--out", str(two), "--num", "3"]) == 0
+    a, b = Image.open(one), Image.open(two)
+    # pan_tiny has 3 attention layers: input + 3 layers + product = 5 columns, 9 with a second model.
+    assert a.size[0] * 9 == b.size[0] * 5 and a.size[1] == b.size[1]
+    arr = np.asarray(b.convert("RGB")).astype(int)
+    assert arr.std() > 10  # not blank
+    assert "ARNN" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "configs/no_such_config.py"], "config file not found"),
+    (["train", TINY, "--cfg-options", "no_such_key=1"], "no top-level key 'no_such_key'"),
+    (["train", TINY, "--cfg-options", "model.type=NoSuchModel"], "NoSuchModel is not in"),
+    (["eval", TINY, "no_such.pth"], "checkpoint not found"),
+    (["show", TINY, "no_such.pth"], "checkpoint not found"),
+    (["show", TINY], "CONFIG CHECKPOINT pairs"),
+    (["reproduce", "--scale", "tiny", "--device", "tpu"], "--device must be cpu or cuda"),
+])
+def test_bad_config_or_option_exits_2_with_a_message(argv, message, tmp_path, capsys):
+    code = main(argv + (["--work-dir", str(tmp_path)] if argv[0] == "train" else []))
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_file_and_malformed_option_exit_2(tmp_path, capsys):
+    broken = tmp_path / "broken.py"
+    broken.write_text("model = dict(type='PANModel'\n")
+    assert main(["train", str(broken)]) == 2
+    assert "could not read config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", TINY, "--cfg-options", "not_a_pair"])
+    assert e.value.code == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_reproduce_tiny_writes_tables_and_json(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    runs = res["runs"]
+    # 6 kinds x 3 variants x 2 seeds for Table 1, 3 kinds x 2 seeds for the inverse task.
+    assert len(runs) == 36 + 6
+    assert {r["kind"] for r in runs} == {"san", "noctx", "ctx", "arnn", "arnn_ind", "arnn_sample"}
+    assert {r["seed"] for r in runs} == {0, 1}
+    for r in runs:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["correctness"] <= 1 and r["sec_per_step"] > 0
+    md = (out / "results.md").read_text()
+    for word in ("Table 1", "Table 2", "Inverse", "ARNN~", "ARNN_ind", "-CTX", "MBG", "±", "0.5-1"):
+        assert word in md
+    assert "Table 1" in capsys.readouterr().out
+    # A second call finds every run done and trains nothing.
+    before = (out / "results.json").read_text()
+    assert main(["reproduce", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"] == json.loads(before)["runs"]
+
+
+def test_demo_trains_both_kinds_prints_table_writes_png(tmp_path, capsys):
+    from arnn_plugins.demo import run_pan_demo
+
+    out = tmp_path / "demo.png"
+    res = run_pan_demo(out=str(out), work_dir=str(tmp_path / "wd"), progress=False, show_items=2,
+                       settings=dict(size=32, n_train=32, n_test=16, iters=2, batch=8))
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "mask corr." in text and "s/step" in text
+    assert set(res) == {"ctx", "arnn"} and all(r["sec_per_step"] > 0 for r in res.values())
+    assert Image.open(out).size[0] > 32 * 2 * 9  # input + (4 layers + product) x 2 models
+    assert (tmp_path / "wd" / "arnn" / "iter_2.pth").is_file()
+
+
+def test_demo_command_options():
+    from arnn_plugins.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--quick"])
+    assert args.quick and args.out == "arnn_demo.png" and args.fn.__name__ == "_cmd_demo"
+
+
+def test_pan_metric_buckets_and_model_modes():
+    from arnn_plugins.engine import PANMetric, PANModel
+
+    m = PANMetric()
+    m.process(None, [dict(pred=1, answer=1, correctness=0.5, scale=0.7),
+                     dict(pred=0, answer=1, correctness=0.1, scale=0.9),
+                     dict(pred=2, answer=2, correctness=0.3, scale=3.0)])
+    got = m.evaluate(3)
+    assert got["pan/accuracy"] == pytest.approx(2 / 3)
+    assert got["pan/correctness"] == pytest.approx(0.3)
+    assert got["pan/acc_scale_0.5-1"] == pytest.approx(0.5)
+    assert got["pan/acc_scale_2.5-3"] == 1.0  # the top edge belongs to the last bucket
+    assert np.isnan(got["pan/acc_scale_1-1.5"])
+    torch.manual_seed(0)
+    model = PANModel("ctx", image_size=16, channels=4, num_stacks=2, hidden_channels=2)
+    x, q, a = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 4])
+    mask = torch.zeros(3, 16, 16, dtype=torch.bool)
+    mask[:, :8] = True
+    loss = model(x, q, a, mask, torch.ones(3), mode="loss")["loss"]
+    logits, masks = model(x, q, mode="tensor")
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, a).item(), rel=1e-5)
+    preds = model(x, q, a, mask, torch.ones(3), mode="predict")
+    assert [p["pred"] for p in preds] == logits.argmax(1).tolist()
+    assert 0 < preds[0]["correctness"] < 1
+    with pytest.raises(ValueError, match="mode"):
+        model(x, q, mode="nope")
+
+
+def test_multidigit_tensors_cache_round_trip(tmp_path):
+    from arnn_plugins.engine import MultiDigitTensors
+
+    a = MultiDigitTensors("mref", "test", 4, cache_dir=str(tmp_path), size=32, seed=3)
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].endswith(".pt")
+    b = MultiDigitTensors("mref", "test", 4, cache_dir=str(tmp_path), size=32, seed=3)
+    c = MultiDigitTensors("mref", "test", 4, cache_dir=None, size=32, seed=4)
+    assert torch.equal(a[2]["image"], b[2]["image"]) and not torch.equal(a[2]["image"], c[2]["image"])
+    assert a[0]["image"].shape == (3, 32, 32) and a[0]["mask"].dtype == torch.bool
+    assert len(os.listdir(tmp_path)) == 1
