@@ -1,6 +1,8 @@
 """``backend="fused"``: the diagonal LSTM scan with a hand-written backward.
 
-Same math as :func:`arnn_plugins.scan.reference_scan`, organised for speed:
+On CPU the work goes to a small compiled kernel (:mod:`arnn_plugins.cpu_kernel`)
+when a C compiler is there; the PyTorch path below is the fallback and the
+GPU path. Same math as :func:`arnn_plugins.scan.reference_scan`, organised for speed:
 
 - the input part of the gates is reordered once, by one gather, into
   anti-diagonal order (step ``k`` holds the cells ``i + j = k``, rows
@@ -21,9 +23,10 @@ from typing import List, Tuple
 
 import torch
 
+from . import cpu_kernel
 from .scan import register_backend
 
-__all__ = ["fused_scan"]
+__all__ = ["fused_scan", "fused_scan_torch"]
 
 
 @lru_cache(maxsize=64)
@@ -145,8 +148,20 @@ class _FusedScan(torch.autograd.Function):
         return grad_gx, grad_w
 
 
+def fused_scan_torch(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
+    """The anti-diagonal PyTorch scan with hand-written backward (any device)."""
+    return _FusedScan.apply(gx, weight_hh)
+
+
 def fused_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
-    """Fused diagonal LSTM scan; shapes as in :func:`arnn_plugins.scan.diagonal_lstm`."""
+    """Fused diagonal LSTM scan; shapes as in :func:`arnn_plugins.scan.diagonal_lstm`.
+
+    On CPU it runs the compiled raster-order kernel of
+    :mod:`arnn_plugins.cpu_kernel` when that is available, else (and on
+    other devices) :func:`fused_scan_torch`.
+    """
+    if gx.device.type == "cpu" and cpu_kernel.available():
+        return cpu_kernel.c_scan(gx, weight_hh)
     return _FusedScan.apply(gx, weight_hh)
 
 

@@ -4,32 +4,76 @@ import pytest
 import torch
 
 from arnn_plugins import AttentionRNN, BlockAttentionRNN, available_backends, diagonal_lstm
-from arnn_plugins.fused_scan import fused_scan
+import os
+import shutil
+import subprocess
+import sys
+
+from arnn_plugins import cpu_kernel
+from arnn_plugins.fused_scan import fused_scan, fused_scan_torch
 from arnn_plugins.scan import reference_scan, resolve_backend
 
 CPU_BACKENDS = ["fused"]
+# The fused backend runs the C kernel on CPU when it builds; the PyTorch
+# anti-diagonal path is its fallback and its GPU path: test both.
+SCANS = {"fused": fused_scan, "fused_torch": fused_scan_torch}
 
 
+@pytest.mark.parametrize("scan", list(SCANS))
 @pytest.mark.parametrize("shape", [(2, 2, 3, 4, 5), (1, 2, 4, 1, 6), (2, 2, 3, 6, 1), (3, 1, 2, 5, 5), (1, 2, 2, 1, 1)])
-def test_fused_scan_matches_reference_float64(shape):
+def test_fused_scan_matches_reference_float64(scan, shape):
     b, d, t, h, w = shape
     torch.manual_seed(0)
     gx = torch.randn(b, d, 4 * t, h, w, dtype=torch.float64, requires_grad=True)
     wh = torch.randn(d, 4 * t, t, 2, dtype=torch.float64, requires_grad=True)
-    ref, out = reference_scan(gx, wh), fused_scan(gx, wh)
+    ref, out = reference_scan(gx, wh), SCANS[scan](gx, wh)
     assert torch.allclose(out, ref, atol=1e-12)
     go = torch.randn_like(ref)
     for a, b_ in zip(torch.autograd.grad(ref, (gx, wh), go), torch.autograd.grad(out, (gx, wh), go)):
         assert torch.allclose(a, b_, atol=1e-12)
 
 
+@pytest.mark.parametrize("scan", list(SCANS))
 @pytest.mark.parametrize("shape", [(2, 2, 2, 3, 4), (1, 2, 3, 1, 4), (1, 1, 2, 4, 1)])
-def test_gradcheck_fused_function(shape):
+def test_gradcheck_fused_function(scan, shape):
     b, d, t, h, w = shape
     torch.manual_seed(1)
     gx = torch.randn(b, d, 4 * t, h, w, dtype=torch.float64, requires_grad=True)
     wh = torch.randn(d, 4 * t, t, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(fused_scan, (gx, wh))
+    assert torch.autograd.gradcheck(SCANS[scan], (gx, wh))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_cpu_kernel_builds_and_is_used(monkeypatch):
+    assert cpu_kernel.available()
+    calls = []
+    monkeypatch.setattr(cpu_kernel._CScan, "apply", lambda *a: calls.append(1) or reference_scan(*a))
+    fused_scan(torch.randn(1, 2, 8, 3, 3), torch.randn(2, 8, 2, 2))
+    assert calls == [1]
+
+
+def test_cpu_kernel_can_be_switched_off():
+    code = "from arnn_plugins import cpu_kernel; print(cpu_kernel.available())"
+    env = dict(os.environ, ARNN_PLUGINS_NO_CC="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "False"
+
+
+def test_cpu_kernel_threads_agree_with_one_thread():
+    torch.manual_seed(0)
+    gx = torch.randn(5, 2, 16, 6, 7, requires_grad=True)
+    wh = torch.randn(2, 16, 4, 2, requires_grad=True)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            h = fused_scan(gx, wh)
+            outs.append((h, *torch.autograd.grad(h.square().sum(), (gx, wh))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def _layer_variants():
