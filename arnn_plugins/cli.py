@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a config with mmengine's Runner")
     runner_args(s)
-    s.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU)")
+    s.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     s.add_argument("--resume", action="store_true", help="continue from the work dir's last checkpoint")
     s.set_defaults(fn=_cmd_train)
 

@@ -174,10 +174,10 @@ def run_outline_demo(out: str = "arnn_demo.png", seconds: float = 30.0, size: in
 
 
 DEMO_SETTINGS = {
-    # About 4-5 minutes on two CPU cores (ARNN's steps take most of it).
-    "default": dict(size=64, n_train=3000, n_test=500, iters=240, batch=32),
+    # About 5 minutes on two idle CPU cores (ARNN's steps take most of it).
+    "default": dict(size=48, n_train=3000, n_test=500, iters=400, batch=32),
     # About a minute.
-    "quick": dict(size=48, n_train=1000, n_test=300, iters=80, batch=32),
+    "quick": dict(size=48, n_train=1000, n_test=300, iters=100, batch=32),
 }
 
 

@@ -673,8 +673,8 @@ def build_runner(cfg, work_dir: Optional[str] = None, device: Optional[str] = No
     """An mmengine :class:`~mmengine.runner.Runner` from a loaded config.
 
     ``device`` ``"cpu"`` hides CUDA from the Runner (it picks CUDA whenever
-    it sees one); ``amp`` switches the optimiser wrapper to mixed precision
-    (bfloat16 on CPU, float16 on CUDA).
+    it sees one); ``amp`` switches the optimiser wrapper to mmengine's
+    ``AmpOptimWrapper`` (float16 autocast; CUDA only).
     """
     from mmengine.runner import Runner
 
@@ -689,12 +689,13 @@ def build_runner(cfg, work_dir: Optional[str] = None, device: Optional[str] = No
         if device == "cpu":
             # mmengine's get_device() looks at torch.cuda.is_available() only.
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    if amp and cfg.get("optim_wrapper") is not None:
-        ow = cfg.optim_wrapper
-        if ow.get("constructor") is None:
-            ow.type = "AmpOptimWrapper"
-            if device == "cpu" or not torch.cuda.is_available():
-                ow.dtype = "bfloat16"
+    if amp:
+        if device == "cpu" or not torch.cuda.is_available():
+            raise ValueError("--amp needs a CUDA device (mmengine's AmpOptimWrapper runs on accelerators only)")
+        ow = cfg.get("optim_wrapper")
+        if ow is None or ow.get("constructor") is not None:
+            raise ValueError("--amp: this config builds its own optimiser wrappers; set their type in the config")
+        ow.type = "AmpOptimWrapper"
     if resume:
         cfg.resume = True
     if load_from is not None:
