@@ -1,4 +1,11 @@
-"""The ``arnn-plugins`` command line."""
+"""The ``arnn-plugins`` command line.
+
+Commands: ``demo`` (the main job: PAN with CTX and with ARNN on small MBG),
+``train`` / ``eval`` / ``show`` (mmengine configs, see ``configs/``),
+``reproduce`` (the paper's attribute tables), ``bench`` and ``list``.
+Usage errors (bad config path, option or device) exit with code 2 and a
+one-line message.
+"""
 
 from __future__ import annotations
 

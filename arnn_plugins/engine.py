@@ -164,8 +164,10 @@ class MultiDigitTensors(Dataset):
         **kwargs: more :class:`MultiDigitDataset` options (``task``, ``size``,
             ``seed``, ...).
 
-    Items: dicts with ``image`` ``(3, H, W)`` float32, ``query``, ``answer``
-    (int64 scalars), ``mask`` ``(H, W)`` bool and ``scale`` (float32).
+    Items: dicts with ``image`` ``(3, H, W)`` float32 in [0, 1] (kept as
+    bytes, so values are the generator's rounded to 1/255), ``query``,
+    ``answer`` (int64 scalars), ``mask`` ``(H, W)`` bool and ``scale``
+    (float32).
     """
 
     def __init__(self, variant: str = "mbg", split: str = "train", length: int = 1000,
@@ -178,12 +180,14 @@ class MultiDigitTensors(Dataset):
         if cache_dir is not None:
             cache_dir = _default_cache_dir() if cache_dir == "default" else cache_dir
             key = hashlib.sha1(json.dumps(self.options, sort_keys=True, default=str).encode()).hexdigest()[:16]
-            path = osp.join(cache_dir, f"{variant}_{split}_{length}_{key}.pt")
+            path = osp.join(cache_dir, f"{variant}_{split}_{length}_{key}_u8.pt")
             if osp.isfile(path):
                 data = torch.load(path, weights_only=True)
         if data is None:
             made = make_multidigit(variant, length, split=split, **kwargs)
             made.pop("dataset")
+            # Bytes, not floats: a 30k-item 100 px split is 0.9 GB instead of 3.6.
+            made["image"] = made["image"].mul(255).round_().to(torch.uint8)
             data = made
             if path is not None:
                 os.makedirs(cache_dir, exist_ok=True)
@@ -204,7 +208,9 @@ class MultiDigitTensors(Dataset):
         return self.data["query"].shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        return {k: v[i] for k, v in self.data.items()}
+        item = {k: v[i] for k, v in self.data.items()}
+        item["image"] = item["image"].float().div_(255)
+        return item
 
 
 def _register_multidigit() -> None:
@@ -515,6 +521,8 @@ class MGANModel(BaseModel):
         return {k: v.detach() for k, v in out.items()}
 
     def forward(self, images, labels=None, mode: str = "tensor"):
+        if labels is None:
+            raise ValueError("MGANModel: forward needs labels (B, n_attr) to draw edit targets of the same shape")
         target = self._random_target(labels)
         fake = self.gan.generate(images, target)
         if mode == "predict":

@@ -226,3 +226,16 @@ def test_reproduce_scales_cover_the_papers_tables():
         assert sc.kinds == TABLE1_KINDS and sc.variants == ("mref", "mdist", "mbg")
         assert sc.inverse_kinds == INVERSE_KINDS and len(sc.seeds) >= 2
     assert SCALES["full"].size == 100 and SCALES["full"].n_train == 30000 and SCALES["full"].n_test == 10000
+
+
+def test_multidigit_tensors_match_the_generator():
+    from arnn_plugins.data import MultiDigitDataset
+    from arnn_plugins.engine import MultiDigitTensors
+
+    t = MultiDigitTensors("mbg", "val", 3, cache_dir=None, size=32, seed=5)
+    d = MultiDigitDataset("mbg", "val", 3, size=32, seed=5)
+    for i in range(3):
+        a, b = t[i], d[i]
+        assert (a["image"] - b["image"]).abs().max() <= 0.5 / 255 + 1e-6
+        assert int(a["query"]) == b["query"] and int(a["answer"]) == b["answer"]
+        assert torch.equal(a["mask"], b["mask"]) and float(a["scale"]) == pytest.approx(b["scale"])
