@@ -114,6 +114,7 @@ def test_show_writes_masks_of_several_models_side_by_side(trained, tmp_path, cap
     (["show", TINY], "CONFIG CHECKPOINT pairs"),
     (["reproduce", "--scale", "tiny", "--device", "tpu"], "--device must be cpu or cuda"),
     (["train", TINY, "--device", "cpu", "--amp"], "--amp needs a CUDA device"),
+    (["demo", "--quick", "--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_config_or_option_exits_2_with_a_message(argv, message, tmp_path, capsys):
     code = main(argv + (["--work-dir", str(tmp_path)] if argv[0] == "train" else []))
@@ -175,6 +176,8 @@ def test_demo_command_options():
 
     args = build_parser().parse_args(["demo", "--quick"])
     assert args.quick and args.out == "arnn_demo.png" and args.fn.__name__ == "_cmd_demo"
+    assert args.threads == 1
+    assert build_parser().parse_args(["reproduce", "--tiny"]).scale == "tiny"
 
 
 def test_pan_metric_buckets_and_model_modes():
