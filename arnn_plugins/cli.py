@@ -174,7 +174,7 @@ def _cmd_reproduce(args) -> int:
 
     _check_device(args.device)
     _set_threads(args.threads)
-    res = reproduce(args.scale, out=args.out, device=args.device, progress=not args.no_progress)
+    res = reproduce(args.scale, out=args.out, device=args.device, progress=not args.no_progress, jobs=args.jobs)
     import os
 
     with open(os.path.join(args.out, "results.md")) as f:
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="arnn_reproduce", help="folder for results.md, results.json and runs/")
     s.add_argument("--device", default=None)
     s.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    s.add_argument("--jobs", type=int, default=1, help="models trained at once in worker processes (2 on 2 cores)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=_cmd_reproduce)
 

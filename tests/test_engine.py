@@ -242,3 +242,22 @@ def test_multidigit_tensors_match_the_generator():
         assert (a["image"] - b["image"]).abs().max() <= 0.5 / 255 + 1e-6
         assert int(a["query"]) == b["query"] and int(a["answer"]) == b["answer"]
         assert torch.equal(a["mask"], b["mask"]) and float(a["scale"]) == pytest.approx(b["scale"])
+
+
+@pytest.mark.slow  # spawning workers re-imports torch and mmengine: about a minute here
+def test_reproduce_in_two_worker_processes_matches_one(tmp_path):
+    from arnn_plugins.experiments import SCALES, Scale, reproduce
+
+    SCALES["_two"] = Scale(size=32, n_train=16, n_test=8, iters=1, batch=8, seeds=(0,), hidden=4, channels=8,
+                           num_stacks=3, variants=("mref",), kinds=("ctx", "arnn"), inverse_kinds=())
+    try:
+        one = reproduce("_two", out=str(tmp_path / "one"), progress=False, log=lambda s: None,
+                        cache_dir=str(tmp_path / "cache"))
+        two = reproduce("_two", out=str(tmp_path / "two"), progress=False, log=lambda s: None,
+                        cache_dir=str(tmp_path / "cache"), jobs=2)
+    finally:
+        del SCALES["_two"]
+    key = lambda r: (r["kind"], r["seed"])  # noqa: E731
+    a, b = sorted(one["runs"], key=key), sorted(two["runs"], key=key)
+    # Same seeds, same data: the workers train the very same models.
+    assert [(key(r), r["accuracy"], r["correctness"]) for r in a] == [(key(r), r["accuracy"], r["correctness"]) for r in b]
