@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.evaluator import BaseMetric
-from mmengine.model import BaseModel
-from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapperDict
 from mmengine.hooks import Hook
+from mmengine.model import BaseModel
+from mmengine.optim import OptimWrapperDict
 from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch.utils.data import Dataset
 

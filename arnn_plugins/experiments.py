@@ -21,7 +21,7 @@ import os
 import os.path as osp
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
@@ -238,9 +238,13 @@ def _machine() -> str:
 
 
 def _run_job(cfg_dict: dict, device: Optional[str], threads: int) -> dict:
+    import warnings
+
     import torch
     from mmengine.config import Config
 
+    # mmengine switches a spawned worker's start method to fork and says so.
+    warnings.filterwarnings("ignore", message="Multi-processing start method")
     torch.set_num_threads(threads)
     return run_pan(Config(cfg_dict), device=device)[0]
 

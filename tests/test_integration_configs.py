@@ -171,12 +171,15 @@ def test_mgan_arnn_config_updates_both_players(tmp_path):
     })
     cfg.train_dataloader.dataset.root = str(root)
     runner, before = _one_iteration(cfg, tmp_path)
-    names = [n for n, _ in runner.model.named_modules()]
-    assert any("arnn" in n.lower() or "AttentionRNN" in type(m).__name__ for n, m in runner.model.named_modules())
+    from arnn_plugins import AttentionRNN
+    from arnn_plugins.models.modular_gan import LocalMask
+
+    mods = list(runner.model.modules())
+    assert sum(isinstance(m, AttentionRNN) for m in mods) == 3  # one mask per attribute module
+    assert not any(isinstance(m, LocalMask) for m in mods)
     assert _changed(runner, before, "gan.discriminator") and _changed(runner, before, "gan.encoder")
     ck = torch.load(tmp_path / "wd" / "iter_1.pth", map_location="cpu", weights_only=False)
     assert set(ck["optimizer"]) == {"generator", "discriminator"}
-    assert names
 
 
 def test_mmdet_retinanet_config_reads_with_arnn_plugins():
