@@ -157,7 +157,8 @@ def _cmd_show(args) -> int:
                 raise ValueError(f"show: {config} has no {args.split}_dataloader")
             ds = DATASETS.build(loader["dataset"])
             items = [ds[i] for i in range(min(args.num, len(ds)))]
-            data = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "query", "answer", "mask")}
+            data = {k: torch.stack([torch.as_tensor(it[k]) for it in items])
+                    for k in ("image", "query", "answer", "mask")}
             task = loader["dataset"].get("task", "color")
         name = model.pan.attention_kind.upper()
         while name in panels:

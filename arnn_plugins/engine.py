@@ -98,7 +98,10 @@ class PANModel(BaseModel):
             return {"loss": F.cross_entropy(logits.float(), answer)}
         if mode == "predict":
             pred = logits.argmax(1)
-            corr = mask_correctness(masks, mask) if mask is not None else torch.full_like(pred, float("nan"), dtype=torch.float)
+            if mask is not None:
+                corr = mask_correctness(masks, mask)
+            else:
+                corr = torch.full(pred.shape, float("nan"))
             out = []
             for k in range(pred.shape[0]):
                 out.append(dict(

@@ -86,7 +86,8 @@ SCALES: Dict[str, Scale] = {
 def pan_config(attention: str, *, variant: str = "mbg", task: str = "color", size: int = 64, n_train: int = 3000,
                n_val: int = 0, n_test: int = 500, iters: int = 240, batch: int = 32, lr: float = 2e-3,
                seed: int = 0, data_seed: int = 0, hidden: int = 16, channels: int = 32, num_stacks: int = 4,
-               batch_norm: bool = True, work_dir: str = "work_dirs/pan", cache_dir: Optional[str] = "default", progress: bool = True,
+               batch_norm: bool = True, work_dir: str = "work_dirs/pan", cache_dir: Optional[str] = "default",
+               progress: bool = True,
                desc: Optional[str] = None, log_level: str = "ERROR", checkpoint: bool = True):
     """An mmengine config (as in ``configs/pan_mbg_arnn.py``) for one PAN run.
 
@@ -234,7 +235,8 @@ def _machine() -> str:
     import torch
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    return f"{platform.machine()} {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{platform.machine()} {dev}, torch {torch.__version__}, {threads} torch thread(s) per run"
 
 
 def _run_job(cfg_dict: dict, device: Optional[str], threads: int) -> dict:

@@ -63,7 +63,8 @@ def test_eval_on_the_train_checkpoint_gives_the_logged_metric(trained, tmp_path,
     assert "pan/accuracy" in capsys.readouterr().out
     # Another checkpoint gives other masks, so correctness must change.
     out3 = tmp_path / "m3.json"
-    assert main(["eval", TINY, str(trained / "iter_3.pth"), "--work-dir", str(tmp_path / "e3"), "--out", str(out3)]) == 0
+    argv = ["eval", TINY, str(trained / "iter_3.pth"), "--work-dir", str(tmp_path / "e3"), "--out", str(out3)]
+    assert main(argv) == 0
     assert json.loads(out3.read_text())["pan/correctness"] != got["pan/correctness"]
 
 
@@ -259,4 +260,7 @@ def test_reproduce_in_two_worker_processes_matches_one(tmp_path):
     key = lambda r: (r["kind"], r["seed"])  # noqa: E731
     a, b = sorted(one["runs"], key=key), sorted(two["runs"], key=key)
     # Same seeds, same data: the workers train the very same models.
-    assert [(key(r), r["accuracy"], r["correctness"]) for r in a] == [(key(r), r["accuracy"], r["correctness"]) for r in b]
+    def rows(runs):
+        return [(key(r), r["accuracy"], r["correctness"]) for r in runs]
+
+    assert rows(a) == rows(b)

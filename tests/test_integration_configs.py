@@ -65,7 +65,8 @@ def write_fake_cifar100(root, n_train=8, n_test=4):
     return root
 
 
-@pytest.mark.parametrize("config, arnn", [("cifar100_resnet18_cbam_arnn.py", True), ("cifar100_resnet18_cbam.py", False)])
+@pytest.mark.parametrize("config, arnn", [("cifar100_resnet18_cbam_arnn.py", True),
+                                          ("cifar100_resnet18_cbam.py", False)])
 def test_cifar100_configs_train_one_iteration(tmp_path, config, arnn):
     root = write_fake_cifar100(tmp_path / "cifar")
     cfg = load_config(os.path.join(CONFIGS, config), {"data_root": str(root),
