@@ -193,7 +193,10 @@ def mmseg_models():
 def det_resnet(registry, plugins=None):
     torch.manual_seed(0)
     cfg = dict(type="ResNet", depth=50, out_indices=(0, 1, 2, 3), norm_eval=False, plugins=plugins)
-    return registry.build(cfg)
+    # A Runner earlier in the process leaves its own default scope behind;
+    # build in mmdet's scope as an mmdet Runner would.
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        return registry.build(cfg)
 
 
 def seg_resnet(registry, plugins=None):
@@ -202,7 +205,8 @@ def seg_resnet(registry, plugins=None):
         type="ResNetV1c", depth=50, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1),
         contract_dilation=True, plugins=plugins,
     )
-    return registry.build(cfg)
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        return registry.build(cfg)
 
 
 def check_backbone(plain, model, blocks=(4, 6, 3), first_stage=2, abbr="arnn", widths=(128, 256, 512)):
