@@ -233,10 +233,15 @@ class AttentionRNN(nn.Module):
             xc = torch.cat([xc, q[:, :, None, None].expand(b, t, h, w).to(xc.dtype)], dim=1)
 
         # The right-to-left direction scans the mirrored image. Mirroring the
-        # (narrow) context instead of the (8t-wide) gates saves a large copy,
-        # and channels-last gates give the scan contiguous per-cell vectors.
-        xc2 = torch.cat([xc, xc.flip(-1)], dim=1).contiguous(memory_format=torch.channels_last)
-        gx = self.input_proj(xc2).view(b, 2, 4 * t, h, w)
+        # (narrow) context instead of the (8t-wide) gates saves a large copy.
+        # The grouped 1x1 conv runs as one batched matmul (its backward is
+        # about twice as fast as the conv's on CPU) and leaves each cell's
+        # gate vector contiguous, the layout the scan backends read best.
+        cin = xc.shape[1]
+        xin = torch.stack([xc, xc.flip(-1)], dim=0).permute(0, 1, 3, 4, 2).reshape(2, b * h * w, cin)
+        weight = self.input_proj.weight.view(2, 4 * t, cin).transpose(1, 2).to(xin.dtype)
+        bias = self.input_proj.bias.view(2, 1, 4 * t).to(xin.dtype)
+        gx = torch.baddbmm(bias, xin, weight).view(2, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
         hid = diagonal_lstm(gx, self.weight_hh, self.backend)  # (B, 2, t, H, W)
         h_l, h_r = hid[:, 0], hid[:, 1].flip(-1)
         if self.shift:

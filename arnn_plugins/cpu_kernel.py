@@ -290,6 +290,7 @@ class _CScan(torch.autograd.Function):
         _run_chunks(run, d * b)
         ctx.save_for_backward(weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts)
         ctx.suf = suf
+        ctx.gx_shape, ctx.gx_strides = gx.shape, gx.stride()
         return hid
 
     @staticmethod
@@ -298,7 +299,9 @@ class _CScan(torch.autograd.Function):
         b, d, t, h, w = hid.shape
         lib = load()
         go = _features_last(grad_h)
-        dgx = hid.new_empty(b, h, w, d, 4 * t).permute(0, 3, 4, 1, 2)
+        # Same strides as the forward's input, so the gradient flows on
+        # through the input projection without a layout copy.
+        dgx = torch.empty_strided(ctx.gx_shape, ctx.gx_strides, dtype=hid.dtype)
         dwt = hid.new_empty(d, b, 2, t, 4 * t)
         bwd = getattr(lib, f"arnn_bwd_{ctx.suf}")
         args_o, args_h, args_d = _strides(go), _strides(hid), _strides(dgx)
