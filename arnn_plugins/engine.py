@@ -483,50 +483,29 @@ class MGANModel(BaseModel):
             ap.swap_attention(self.gan, mode="replace", **(arnn_kwargs or {}))
         self.lambdas = dict(cls=lambda_cls, rec=lambda_rec, cyc=lambda_cyc, gp=lambda_gp)
 
-    def _random_target(self, labels):
-        cols = [torch.randint(n, (labels.shape[0],), device=labels.device) for n in self.gan.num_values]
-        return torch.stack(cols, dim=1)
-
-    def _cls(self, logits, labels):
-        return sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits)) / len(logits)
-
     def train_step(self, data, optim_wrapper: OptimWrapperDict) -> Dict[str, torch.Tensor]:
         """One D and one G update (WGAN-GP, attribute classification, reconstruction and cycle losses)."""
-        from .models.modular_gan import gradient_penalty
+        from .models.modular_gan import discriminator_losses, generator_losses, random_target
 
         data = self.data_preprocessor(data, True)
         images, labels = data["images"], data["labels"]
         m, lam = self.gan, self.lambdas
-        target = self._random_target(labels)
-        with torch.no_grad():
-            fake = m.generate(images, target)
-        src_r, cls_r = m.discriminator(images)
-        src_f, _ = m.discriminator(fake)
-        d_adv = src_f.mean() - src_r.mean()
-        d_cls = self._cls(cls_r, labels)
-        gp = gradient_penalty(m.discriminator, images, fake)
-        d_loss = d_adv + lam["cls"] * d_cls + lam["gp"] * gp
+        target = random_target(m, labels)
+        d_loss, d_parts = discriminator_losses(m, images, labels, target, lam["cls"], lam["gp"])
         optim_wrapper["discriminator"].update_params(d_loss)
-
-        f = m.encoder(images)
-        rec = (m.reconstructor(f) - images).abs().mean()
-        f_t, _ = m.transform(f, target)
-        fake = m.reconstructor(f_t)
-        src_f, cls_f = m.discriminator(fake)
-        g_adv = -src_f.mean()
-        g_cls = self._cls(cls_f, target)
-        cyc = (m.encoder(fake) - f_t).abs().mean()
-        g_loss = g_adv + lam["cls"] * g_cls + lam["rec"] * rec + lam["cyc"] * cyc
+        g_loss, g_parts = generator_losses(m, images, target, lam["cls"], lam["rec"], lam["cyc"])
         optim_wrapper["generator"].update_params(g_loss)
         # The generator loss also filled D's gradients; D must not see them.
         m.discriminator.zero_grad(set_to_none=True)
-        out = dict(d_loss=d_loss, gp=gp, g_loss=g_loss, g_cls=g_cls, rec=rec, cyc=cyc)
+        out = dict(d_loss=d_loss, gp=d_parts["gp"], g_loss=g_loss, g_cls=g_parts["g_cls"], rec=g_parts["rec"], cyc=g_parts["cyc"])
         return {k: v.detach() for k, v in out.items()}
 
     def forward(self, images, labels=None, mode: str = "tensor"):
         if labels is None:
             raise ValueError("MGANModel: forward needs labels (B, n_attr) to draw edit targets of the same shape")
-        target = self._random_target(labels)
+        from .models.modular_gan import random_target
+
+        target = random_target(self.gan, labels)
         fake = self.gan.generate(images, target)
         if mode == "predict":
             return [dict(l1=float((f - x).abs().mean())) for f, x in zip(fake, images)]

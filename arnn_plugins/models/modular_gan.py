@@ -344,6 +344,51 @@ def gradient_penalty(discriminator: MGANDiscriminator, real: torch.Tensor, fake:
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
+def attribute_loss(logits: List[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over attributes: ``logits[i]`` ``(B, n_i)``, ``labels`` ``(B, n_attr)``."""
+    return sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits)) / len(logits)
+
+
+def random_target(model: "ModularGAN", labels: torch.Tensor) -> torch.Tensor:
+    """A random value per attribute and sample: ``(B, n_attr)`` long."""
+    cols = [torch.randint(n, (labels.shape[0],), device=labels.device) for n in model.num_values]
+    return torch.stack(cols, dim=1)
+
+
+def discriminator_losses(model: "ModularGAN", images, labels, target, lambda_cls: float, lambda_gp: float):
+    """WGAN-GP critic loss plus real-image attribute classification.
+
+    Returns ``(d_loss, parts)`` with ``parts`` = ``d_adv``, ``d_cls``, ``gp``.
+    """
+    with torch.no_grad():
+        fake = model.generate(images, target)
+    src_r, cls_r = model.discriminator(images)
+    src_f, _ = model.discriminator(fake)
+    d_adv = src_f.mean() - src_r.mean()
+    d_cls = attribute_loss(cls_r, labels)
+    gp = gradient_penalty(model.discriminator, images, fake)
+    return d_adv + lambda_cls * d_cls + lambda_gp * gp, dict(d_adv=d_adv, d_cls=d_cls, gp=gp)
+
+
+def generator_losses(model: "ModularGAN", images, target, lambda_cls: float, lambda_rec: float, lambda_cyc: float):
+    """Adversarial, target-attribute, reconstruction and feature-cycle losses of the generator.
+
+    Returns ``(g_loss, parts)`` with ``parts`` = ``g_adv``, ``g_cls``, ``rec``,
+    ``cyc``. Also fills the discriminator's gradients, which the caller must
+    discard.
+    """
+    f = model.encoder(images)
+    rec = (model.reconstructor(f) - images).abs().mean()
+    f_t, _ = model.transform(f, target)
+    fake = model.reconstructor(f_t)
+    src_f, cls_f = model.discriminator(fake)
+    g_adv = -src_f.mean()
+    g_cls = attribute_loss(cls_f, target)
+    cyc = (model.encoder(fake) - f_t).abs().mean()
+    g_loss = g_adv + lambda_cls * g_cls + lambda_rec * rec + lambda_cyc * cyc
+    return g_loss, dict(g_adv=g_adv, g_cls=g_cls, rec=rec, cyc=cyc)
+
+
 class ModularGANTrainer:
     """One discriminator step and one generator step per call (Adam, WGAN-GP).
 
@@ -380,13 +425,9 @@ class ModularGANTrainer:
         betas = self.opt_g.param_groups[0]["betas"]
         self.opt_g = torch.optim.Adam(list(self.model.generator_parameters()), lr=lr, betas=betas)
 
-    def _cls_loss(self, logits: List[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        return sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits)) / len(logits)
-
     def random_target(self, labels: torch.Tensor) -> torch.Tensor:
         """A random value per attribute and sample: ``(B, n_attr)`` long."""
-        cols = [torch.randint(n, (labels.shape[0],), device=labels.device) for n in self.model.num_values]
-        return torch.stack(cols, dim=1)
+        return random_target(self.model, labels)
 
     def step(
         self, images: torch.Tensor, labels: torch.Tensor, target: Optional[torch.Tensor] = None
@@ -403,35 +444,19 @@ class ModularGANTrainer:
         m._check_target(images, target)
         m.train()
 
-        # Discriminator.
-        with torch.no_grad():
-            fake = m.generate(images, target)
-        src_r, cls_r = m.discriminator(images)
-        src_f, _ = m.discriminator(fake)
-        d_adv = src_f.mean() - src_r.mean()
-        d_cls = self._cls_loss(cls_r, labels)
-        gp = gradient_penalty(m.discriminator, images, fake)
-        d_loss = d_adv + self.lambda_cls * d_cls + self.lambda_gp * gp
+        d_loss, d_parts = discriminator_losses(m, images, labels, target, self.lambda_cls, self.lambda_gp)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
 
         # Generator (D's gradients are computed but not applied).
-        f = m.encoder(images)
-        rec = (m.reconstructor(f) - images).abs().mean()
-        f_t, _ = m.transform(f, target)
-        fake = m.reconstructor(f_t)
-        src_f, cls_f = m.discriminator(fake)
-        g_adv = -src_f.mean()
-        g_cls = self._cls_loss(cls_f, target)
-        cyc = (m.encoder(fake) - f_t).abs().mean()
-        g_loss = g_adv + self.lambda_cls * g_cls + self.lambda_rec * rec + self.lambda_cyc * cyc
+        g_loss, g_parts = generator_losses(m, images, target, self.lambda_cls, self.lambda_rec, self.lambda_cyc)
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()
         m.discriminator.zero_grad(set_to_none=True)
 
-        out = dict(d_loss=d_loss, d_adv=d_adv, d_cls=d_cls, gp=gp, g_loss=g_loss, g_adv=g_adv, g_cls=g_cls, rec=rec, cyc=cyc)
+        out = dict(d_loss=d_loss, g_loss=g_loss, **d_parts, **g_parts)
         return {k: float(v.detach()) for k, v in out.items()}
 
 
