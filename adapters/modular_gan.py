@@ -89,12 +89,7 @@ def _match(module: nn.Module) -> bool:
 
 
 def _build(module: LocalMask, mode: str = "residual", **arnn_kwargs) -> ARNNMask:
-    new = ARNNMask(module.in_channels, prior=module if mode == "residual" else None, **arnn_kwargs)
-    p = next(module.parameters(), None)
-    if p is not None:
-        new.to(device=p.device, dtype=p.dtype)
-    new.train(module.training)
-    return new
+    return ARNNMask(module.in_channels, prior=module if mode == "residual" else None, **arnn_kwargs)
 
 
 register_adapter(

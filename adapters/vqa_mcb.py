@@ -117,18 +117,13 @@ def _match(module: nn.Module) -> bool:
 
 
 def _build(module: MCBGlimpseAttention, mode: str = "residual", **arnn_kwargs) -> ARNNGlimpseAttention:
-    new = ARNNGlimpseAttention(
+    return ARNNGlimpseAttention(
         module.img_channels,
         module.query_channels,
         module.glimpses,
         prior=module if mode == "residual" else None,
         **arnn_kwargs,
     )
-    p = next(module.parameters(), None)
-    if p is not None:
-        new.to(device=p.device, dtype=p.dtype)
-    new.train(module.training)
-    return new
 
 
 register_adapter(

@@ -3,7 +3,9 @@
 An adapter recognises sites in a model and builds what goes there:
 
 - ``kind="swap"``: ``match(module)`` finds an attention module;
-  ``build(module, mode=..., **arnn_kwargs)`` returns its replacement.
+  ``build(module, mode=..., **arnn_kwargs)`` returns its replacement, which
+  :func:`swap_attention` then moves to the replaced module's device, dtype
+  and train/eval mode.
 - ``kind="insert"``: ``match(module)`` finds an insertion point (a block);
   ``build(module, **arnn_kwargs)`` returns the new gate module, which
   :func:`insert_attention` attaches to that block as child ``arnn_gate`` and
@@ -145,6 +147,14 @@ def _find(model: nn.Module, adapters: List[Adapter], skip_inside: Sequence[type]
     return sites
 
 
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Put a replacement on the device and dtype, and in the train/eval mode, of what it replaces."""
+    p = next(old.parameters(), None)
+    if p is not None:
+        new.to(device=p.device, dtype=p.dtype)
+    return new.train(old.training)
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -184,7 +194,7 @@ def swap_attention(
             f"adapters tried: {[a.name for a in chosen]}"
         )
     # Build everything before touching the model, so a failure changes nothing.
-    new = [(name, adapter.build(module, mode=mode, **arnn_kwargs)) for name, module, adapter in sites]
+    new = [(name, _like(adapter.build(module, mode=mode, **arnn_kwargs), module)) for name, module, adapter in sites]
     for name, module in new:
         _set_submodule(model, name, module)
     return [name for name, _ in new]

@@ -410,7 +410,6 @@ def _match_local(module: nn.Module) -> bool:
 
 
 def _build_local(module: LocalAttention, mode: str = "residual", **arnn_kwargs) -> nn.Module:
-    p = next(module.parameters())
     if mode == "replace":
         arnn_kwargs.setdefault("query_channels", module.query_channels)
         new = AttentionRNN(module.in_channels, **arnn_kwargs)
@@ -422,7 +421,7 @@ def _build_local(module: LocalAttention, mode: str = "residual", **arnn_kwargs) 
         missing, unexpected = new.load_state_dict(module.state_dict(), strict=False)
         if unexpected or any(not k.startswith("arnn.") for k in missing):
             raise RuntimeError(f"pan_local: could not carry over LocalAttention weights ({missing}, {unexpected})")
-    return new.to(device=p.device, dtype=p.dtype).train(module.training)
+    return new
 
 
 register_adapter(
