@@ -75,7 +75,7 @@ class Row:
     fwdbwd_ms: float
     mem_mb: float
     ratio: Optional[float] = None
-    note: str = ""
+    vs_naive: Optional[float] = None
 
 
 def _sync(device: torch.device) -> None:
@@ -176,8 +176,10 @@ def bench_layer(
     ms = _interleaved_medians({**fwd, **fwdbwd}, dev, repeats, progress)
     rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} fwd+bwd"], mem[n]) for n in backends]
     ref = next((r for r in rows if r.name == "reference"), None)
+    naive = next((r for r in rows if r.name == "naive"), None)
     for r in rows:
         r.ratio = ref.fwdbwd_ms / r.fwdbwd_ms if ref else None
+        r.vs_naive = naive.fwdbwd_ms / r.fwdbwd_ms if naive else None
     return rows
 
 
@@ -236,17 +238,17 @@ def bench_resnet(
 
 
 def format_table(title: str, rows: List[Row], ratio_label: str, step_label: str = "fwd+bwd ms") -> str:
-    """Markdown table of benchmark rows."""
-    lines = [
-        f"**{title}**",
-        "",
-        f"| case | fwd ms | {step_label} | memory MB | {ratio_label} |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    """Markdown table of benchmark rows (a speed-up vs naive column when measured)."""
+    naive = any(r.vs_naive is not None for r in rows)
+    head = f"| case | fwd ms | {step_label} | memory MB | {ratio_label} |" + (" speed-up vs naive |" if naive else "")
+    lines = [f"**{title}**", "", head, "|---|---:|---:|---:|---:|" + ("---:|" if naive else "")]
     for r in rows:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         mem = "" if r.mem_mb != r.mem_mb else f"{r.mem_mb:.1f}"
-        lines.append(f"| {r.name} | {r.fwd_ms:.1f} | {r.fwdbwd_ms:.1f} | {mem} | {ratio} |")
+        line = f"| {r.name} | {r.fwd_ms:.1f} | {r.fwdbwd_ms:.1f} | {mem} | {ratio} |"
+        if naive:
+            line += f" {r.vs_naive:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 
