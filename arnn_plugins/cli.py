@@ -22,7 +22,14 @@ def _cmd_list(args) -> int:
 
     print("layers:   AttentionRNN, BlockAttentionRNN, ARNNGate")
     print(f"combine:  {', '.join(arnn.COMBINE_MODES)}  (sample=True for ARNN~)")
-    print(f"backends: {', '.join(scan.available_backends())}  (auto picks the fastest here)")
+    import torch
+
+    from .triton_scan import triton_scan_supported
+
+    here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = [n if n != "triton" or triton_scan_supported(here) else "triton (needs CUDA)"
+             for n in scan.available_backends()]
+    print(f"backends: {', '.join(names)}  (auto here: {scan.resolve_backend('auto', here)})")
     print("adapters:")
     for name in list_adapters():
         a = get_adapter(name)
