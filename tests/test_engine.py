@@ -15,15 +15,6 @@ CONFIGS = os.path.join(ROOT, "configs")
 TINY = os.path.join(CONFIGS, "pan_tiny.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: more threads only oversubscribe.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _scalars(work_dir):
     """The last validation record mmengine logged in ``work_dir``."""
     recs = []
@@ -38,7 +29,6 @@ def _scalars(work_dir):
 def trained(tmp_path_factory):
     """pan_tiny trained for 6 iterations (checkpoints at 3 and 6)."""
     wd = tmp_path_factory.mktemp("train")
-    torch.set_num_threads(1)
     assert main(["train", TINY, "--work-dir", str(wd), "--device", "cpu"]) == 0
     return wd
 

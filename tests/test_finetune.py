@@ -21,15 +21,6 @@ from arnn_plugins.finetune import (  # noqa: E402
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny inputs: more threads only add OpenMP contention on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(attn="cbam", seed=0, num_classes=10, swap=False):
     torch.manual_seed(seed)
     block_args = dict(attn_layer=attn) if attn else None

@@ -14,14 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _one_iteration(cfg, tmp_path, loop_overrides=None):
     """Train ``cfg`` for one iteration; returns the runner and the parameters before training."""
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=1, **(loop_overrides or {}))

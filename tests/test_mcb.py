@@ -24,15 +24,6 @@ from arnn_plugins.models.vqa_data import QuestionTokenizer, VQADataset
 C, Q_VOCAB, N_ANS, H, W = 8, 30, 6, 6, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine has two shared cores; more threads only oversubscribe.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_model(kind="mcb_att", **kw):
     args = dict(num_answers=N_ANS, img_channels=C, vocab_size=Q_VOCAB, mcb_dim=256, att_hidden=16,
                 embed_dim=8, hidden_size=8, num_layers=2)

@@ -19,15 +19,6 @@ from arnn_plugins.models.modular_gan import (
 S = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine has two shared cores; more threads only oversubscribe.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_gan(seed=0):
     torch.manual_seed(seed)
     return ModularGAN([3, 2], image_size=S, base=8, n_res_encoder=1, n_res_transformer=1, d_base=8)

@@ -18,15 +18,6 @@ from arnn_plugins.models.pan import (
 SIZE = 32  # maps of 16, 8, 4, 2 after the four pooling stacks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small recurrent kernels run fastest, and do not fight other jobs, on one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(b=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (b,), generator=g)

@@ -15,15 +15,6 @@ X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 N_CBAM = {"resnet18": 8, "resnet50": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny inputs: more threads only add OpenMP contention on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(arch="resnet18", attn="cbam", seed=0, **kwargs):
     """A timm ResNet whose attention matters: with timm's default zero-init of
     each block's last norm the residual branch, CBAM included, outputs zeros."""

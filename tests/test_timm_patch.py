@@ -25,12 +25,9 @@ BINDERS = ("timm.layers", "timm.layers.create_attn", "timm.models.layers", "timm
 
 @pytest.fixture(autouse=True)
 def patch_off():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny inputs: avoid OpenMP contention on a shared CPU
     arnn_timm.disable()
     yield
     arnn_timm.disable()
-    torch.set_num_threads(n)
 
 
 def bound():
