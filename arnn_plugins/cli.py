@@ -33,7 +33,7 @@ def _cmd_list(args) -> int:
     print("adapters:")
     for name in list_adapters():
         a = get_adapter(name)
-        print(f"  {name:<22} {a.kind:<7} {a.description}")
+        print(f"  {name:<22} {a.kind:<7} {a.host:<32} {a.description}")
     return 0
 
 

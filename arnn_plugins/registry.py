@@ -23,7 +23,7 @@ first called (each host module is imported only if its library is there).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch.nn as nn
@@ -64,7 +64,6 @@ class Adapter:
     build: Callable[..., nn.Module]
     description: str = ""
     host: str = ""
-    options: Dict[str, object] = field(default_factory=dict)
 
 
 _ADAPTERS: Dict[str, Adapter] = {}
