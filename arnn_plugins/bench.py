@@ -10,16 +10,22 @@ noisy machine:
 2. a timm ResNet18+CBAM train step with CBAM's spatial branch replaced by
    ARNN, against the same model with CBAM and without attention.
 
-Times are medians over repeats; memory is the size of the tensors kept for
-backward (CPU) or the CUDA allocator's peak (GPU).
+Times are medians over repeats. Memory, measured once per case: what the
+forward leaves allocated for the backward ("held") and the peak during the
+backward, both from the level before the forward (CUDA allocator counters;
+on CPU the profiler's allocation events).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 from .arnn import AttentionRNN
 from .scan import available_backends, register_backend
 
-__all__ = ["naive_scan", "bench_layer", "bench_resnet", "format_table", "run"]
+__all__ = ["naive_scan", "memory_mb", "bench_layer", "bench_resnet", "format_table", "run"]
 
 
 def naive_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
@@ -73,7 +79,8 @@ class Row:
     name: str
     fwd_ms: float
     fwdbwd_ms: float
-    mem_mb: float
+    held_mb: float  # allocated when the forward returns (kept for backward + output)
+    peak_mb: float  # peak during the backward, from the same level
     ratio: Optional[float] = None
     vs_naive: Optional[float] = None
 
@@ -111,28 +118,89 @@ def _interleaved_medians(cases: Dict[str, Callable[[], object]], device: torch.d
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _saved_mb(fn: Callable[[], torch.Tensor]) -> float:
-    """Megabytes of distinct storages autograd keeps for backward of ``fn()``."""
-    seen: Dict[int, int] = {}
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Silence file descriptor 2 (the profiler library logs there from C++)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
-    def pack(t: torch.Tensor):
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values()) / 2**20
+_MARK = "arnn_plugins.bench.backward"
 
 
-def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+def _cpu_allocations(fn: Callable[[], None]) -> Tuple[List[tuple], Optional[int]]:
+    """CPU allocator events during ``fn()`` and the start time of the backward mark.
+
+    Events are ``(time_ns, bytes, total_allocated)`` in order; the mark is
+    where ``fn`` entered ``record_function(_MARK)`` (``None`` if it did not).
+    ``total_allocated`` is the allocator's running total over the memory
+    allocated while profiling, so its level minus the level before the
+    first event is what ``fn`` holds at that moment.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings(), _quiet_fd2():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    found, mark = [], None
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.name == _MARK:
+            mark = node.start_time_ns if mark is None else min(mark, node.start_time_ns)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            found.append((node.start_time_ns, node.typed[1].alloc_size, node.typed[1].total_allocated))
+    return sorted(found), mark
+
+
+def memory_mb(forward: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float, float]:
+    """``(held, peak)`` in MB for ``out = forward()`` then ``out.sum().backward()``.
+
+    ``held``: what is still allocated when the forward has returned (the
+    activations kept for backward, plus the output); ``peak``: the highest
+    allocation during the backward (gradients included). Both count from the
+    level before the forward, so ``peak / held`` is how much the backward
+    needs over what the forward kept. CUDA: the caching allocator's counters;
+    CPU: the profiler's allocation events.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        loss = forward().float().sum()
+        torch.cuda.synchronize(device)
+        held = torch.cuda.memory_allocated(device) - base
+        torch.cuda.reset_peak_memory_stats(device)
+        loss.backward()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return held / 2**20, max(peak, held) / 2**20
+
+    from torch.profiler import record_function
+
+    def run():
+        loss = forward().float().sum()
+        with record_function(_MARK):
+            loss.backward()
+
+    events, mark = _cpu_allocations(run)
+    if not events or mark is None:
+        return 0.0, 0.0
+    base = events[0][2] - events[0][1]
+    before = [tot for ts, _, tot in events if ts < mark]
+    after = [tot for ts, _, tot in events if ts >= mark]
+    held = (before[-1] if before else base) - base
+    peak = max(after, default=held + base) - base
+    return held / 2**20, max(peak, held) / 2**20
 
 
 def bench_layer(
@@ -172,9 +240,11 @@ def bench_layer(
             m(xg).sum().backward()
 
         fwd[f"{name} fwd"], fwdbwd[f"{name} fwd+bwd"] = f, fb
-        mem[name] = _peak_mb(fb, dev) if dev.type == "cuda" else _saved_mb(lambda m=m: m(xg))
+        mem[name] = memory_mb(lambda m=m: m(xg), dev)
+        m.zero_grad(set_to_none=True)
+        xg.grad = None
     ms = _interleaved_medians({**fwd, **fwdbwd}, dev, repeats, progress)
-    rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} fwd+bwd"], mem[n]) for n in backends]
+    rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} fwd+bwd"], *mem[n]) for n in backends]
     ref = next((r for r in rows if r.name == "reference"), None)
     naive = next((r for r in rows if r.name == "naive"), None)
     for r in rows:
@@ -228,9 +298,10 @@ def bench_resnet(
                 model(x)
 
         fwd[f"{name} fwd"], steps[f"{name} step"] = f, step
-        mem[name] = _peak_mb(step, dev) if dev.type == "cuda" else float("nan")
+        mem[name] = memory_mb(lambda model=model: F.cross_entropy(model(x), y), dev)
+        model.zero_grad(set_to_none=True)
     ms = _interleaved_medians({**fwd, **steps}, dev, repeats, progress)
-    rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} step"], mem[n]) for n in models]
+    rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} step"], *mem[n]) for n in models]
     cbam = rows[1].fwdbwd_ms
     for r in rows:
         r.ratio = r.fwdbwd_ms / cbam
@@ -240,16 +311,19 @@ def bench_resnet(
 def format_table(title: str, rows: List[Row], ratio_label: str, step_label: str = "fwd+bwd ms") -> str:
     """Markdown table of benchmark rows (a speed-up vs naive column when measured)."""
     naive = any(r.vs_naive is not None for r in rows)
-    head = f"| case | fwd ms | {step_label} | memory MB | {ratio_label} |" + (" speed-up vs naive |" if naive else "")
-    lines = [f"**{title}**", "", head, "|---|---:|---:|---:|---:|" + ("---:|" if naive else "")]
+    head = (f"| case | fwd ms | {step_label} | {ratio_label} |" + (" speed-up vs naive |" if naive else "")
+            + " held MB | backward peak MB | peak / held |")
+    lines = [f"**{title}**", "", head, "|---|---:|---:|---:|" + ("---:|" if naive else "") + "---:|---:|---:|"]
     for r in rows:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
-        mem = "" if r.mem_mb != r.mem_mb else f"{r.mem_mb:.1f}"
-        line = f"| {r.name} | {r.fwd_ms:.1f} | {r.fwdbwd_ms:.1f} | {mem} | {ratio} |"
+        line = f"| {r.name} | {r.fwd_ms:.1f} | {r.fwdbwd_ms:.1f} | {ratio} |"
         if naive:
             line += f" {r.vs_naive:.2f}x |"
+        rel = f"{r.peak_mb / r.held_mb:.2f}x" if r.held_mb > 0 else ""
+        line += f" {r.held_mb:.1f} | {r.peak_mb:.1f} | {rel} |"
         lines.append(line)
     return "\n".join(lines)
+
 
 
 def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool = True,
@@ -268,9 +342,8 @@ def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool 
             s = size or (56 if dev.type == "cuda" else 32)
             b = batch or (64 if dev.type == "cuda" else 32)
             rows = bench_layer(batch=b, size=s, device=device, repeats=repeats, progress=progress)
-            mem = "peak MB" if dev.type == "cuda" else "saved for backward"
             parts.append(format_table(
-                f"AttentionRNN layer, B={b}, C=64, {s}x{s}, t=16, {device} (memory: {mem})",
+                f"AttentionRNN layer, B={b}, C=64, {s}x{s}, t=16, {device}",
                 rows, "speed-up vs reference"))
         if resnet:
             b = batch or (128 if dev.type == "cuda" else 16)

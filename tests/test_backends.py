@@ -43,6 +43,52 @@ def test_gradcheck_fused_function(scan, shape):
     assert torch.autograd.gradcheck(SCANS[scan], (gx, wh))
 
 
+def test_fused_backward_twice_with_retain_graph():
+    # The C backward reuses its saved buffers for the gradient only when the
+    # graph is freed afterwards; with retain_graph a second backward must see
+    # them intact.
+    torch.manual_seed(2)
+    gx = torch.randn(2, 2, 12, 4, 5, dtype=torch.float64, requires_grad=True)
+    wh = torch.randn(2, 12, 3, 2, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(2, 2, 3, 4, 5, dtype=torch.float64)
+    ref = torch.autograd.grad(reference_scan(gx, wh), (gx, wh), go)
+    out = fused_scan(gx, wh)
+    first = torch.autograd.grad(out, (gx, wh), go, retain_graph=True)
+    second = torch.autograd.grad(out, (gx, wh), go)
+    for r, a, b_ in zip(ref, first, second):
+        assert torch.allclose(a, r, atol=1e-12) and torch.allclose(b_, r, atol=1e-12)
+
+
+def test_memory_mb_measures_a_known_pattern():
+    from arnn_plugins.bench import memory_mb
+
+    x = torch.randn(512, 1024, requires_grad=True)  # 2 MB
+    held, peak = memory_mb(lambda: torch.exp(x), torch.device("cpu"))
+    # exp keeps its 2 MB output for backward; the backward adds its 2 MB
+    # product, which becomes x.grad.
+    assert held == pytest.approx(2.0, abs=0.05) and peak == pytest.approx(4.0, abs=0.1)
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler")
+def test_fused_backward_needs_little_beyond_saved_activations():
+    from arnn_plugins.bench import memory_mb
+
+    torch.manual_seed(0)
+    # In the layout the layer's input projection writes, (D, B, H, W, 4t),
+    # so the gradient lands in gx.grad without a copy.
+    gx = torch.randn(2, 8, 16, 16, 64).permute(1, 0, 4, 2, 3).requires_grad_(True)
+    wh = torch.randn(2, 64, 16, 2, requires_grad=True)
+    cpu = torch.device("cpu")
+    held, peak = memory_mb(lambda: fused_scan(gx, wh), cpu)
+    # Saved: gate activations (4t), cells (t) and states (t) per cell, the
+    # output being the states: 6 * 16 * 4 bytes * 8 * 2 * 256 cells = 1.5 MB.
+    assert held == pytest.approx(1.5, abs=0.05)
+    # The input gradient (1 MB) is written over the saved activations.
+    assert peak < 1.1 * held
+    ref_held, ref_peak = memory_mb(lambda: reference_scan(gx, wh), cpu)
+    assert ref_held > 2 * held and ref_peak > 2 * peak
+
+
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 def test_cpu_kernel_builds_and_is_used(monkeypatch):
     assert cpu_kernel.available()
@@ -126,6 +172,28 @@ def test_fused_float32_and_autocast_agree_with_reference():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = ref(x), fast(x)
     assert torch.allclose(a.float(), b.float(), atol=2e-2)
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler")
+@pytest.mark.parametrize("t", [16, 11])
+@pytest.mark.parametrize("scale", [1.0, 60.0])
+def test_c_kernel_float32_activations_match_float64(t, scale):
+    # float32 gates go through the kernel's own vector exp (8 lanes, scalar
+    # tail): compare with the float64 reference, also deep in saturation.
+    torch.manual_seed(3)
+    gx = torch.randn(2, 2, 4 * t, 5, 6, dtype=torch.float64) * scale
+    wh = torch.randn(2, 4 * t, t, 2, dtype=torch.float64) * 0.3
+    go = torch.randn(2, 2, t, 5, 6, dtype=torch.float64)
+    gx32, wh32 = gx.float().requires_grad_(True), wh.float().requires_grad_(True)
+    gx64, wh64 = gx.requires_grad_(True), wh.requires_grad_(True)
+    out32, out64 = fused_scan(gx32, wh32), reference_scan(gx64, wh64)
+    assert torch.isfinite(out32).all()
+    assert torch.allclose(out32.double(), out64, atol=2e-6)
+    g32 = torch.autograd.grad(out32, (gx32, wh32), go.float())
+    g64 = torch.autograd.grad(out64, (gx64, wh64), go)
+    for a, b_ in zip(g32, g64):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a.double(), b_, atol=2e-5 * max(1.0, b_.abs().max().item()))
 
 
 def test_auto_backend_resolution():

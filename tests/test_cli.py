@@ -73,6 +73,6 @@ def test_bench_layer_rows_and_table():
     rows = bench_layer(batch=2, channels=4, size=5, hidden=3, backends=["reference", "fused"], repeats=1)
     assert [r.name for r in rows] == ["reference", "fused"]
     assert rows[0].ratio == pytest.approx(1.0)
-    assert all(r.fwd_ms > 0 and r.fwdbwd_ms > 0 and r.mem_mb > 0 for r in rows)
+    assert all(r.fwd_ms > 0 and r.fwdbwd_ms > 0 and r.held_mb > 0 and r.peak_mb >= r.held_mb for r in rows)
     table = format_table("t", rows, "speed-up")
     assert "| fused |" in table and "| reference |" in table
