@@ -221,6 +221,23 @@ def test_reproduce_scales_cover_the_papers_tables():
     assert SCALES["full"].size == 100 and SCALES["full"].n_train == 30000 and SCALES["full"].n_test == 10000
 
 
+def test_pan_config_carries_digit_layout_and_readout():
+    from arnn_plugins.data import MultiDigitDataset
+    from arnn_plugins.experiments import SCALES, pan_config
+
+    cfg = pan_config("ctx", size=32, num_digits=(2, 3), scale_range=(1.5, 3.0), readout="pool", cache_dir=None)
+    data = dict(cfg.train_dataloader.dataset)
+    assert cfg.model.readout == "pool"
+    assert tuple(data["num_digits"]) == (2, 3) and tuple(data["scale_range"]) == (1.5, 3.0)
+    data.pop("type"), data.pop("cache_dir")
+    ds = MultiDigitDataset(**dict(data, length=8))
+    assert all(2 <= len(ds.sample(i).classes) <= 3 for i in range(8))
+    # Without them the data set's own (the paper's) layout is used.
+    plain = pan_config("ctx", size=32, cache_dir=None)
+    assert "num_digits" not in plain.train_dataloader.dataset and plain.model.readout == "flatten"
+    assert SCALES["full"].num_digits == (5, 9) and SCALES["full"].scale_range == (0.5, 3.0)
+
+
 def test_multidigit_tensors_match_the_generator():
     from arnn_plugins.data import MultiDigitDataset
     from arnn_plugins.engine import MultiDigitTensors

@@ -48,6 +48,30 @@ def test_forward_backward_and_masks(kind):
         assert any(not torch.allclose(a, b) for a, b in zip(masks, masks2))
 
 
+@pytest.mark.parametrize("kind", ["ctx", "arnn", "none"])
+def test_pool_readout_is_the_mask_weighted_average(kind):
+    torch.manual_seed(0)
+    model = PAN(kind, image_size=SIZE, readout="pool").eval()
+    x, q = _batch()
+    seen = {}
+    model.head.register_forward_hook(lambda mod, args, out: seen.update(inp=args[0]))
+    logits, masks = model(x, q)
+    # The same network by hand: masks on every stack, then the last map
+    # averaged with the last mask's weights (plain average with no mask).
+    feat, qq = x, F.one_hot(q, 10).float()
+    for i, stack in enumerate(model.stacks):
+        feat = stack(feat)
+        if kind != "none":
+            m = torch.sigmoid(model.attention[str(i)](feat, qq))
+            feat = feat * m if i < len(model.stacks) - 1 else (feat * m).sum((2, 3)) / m.sum((2, 3))
+    if kind == "none":
+        feat = feat.mean((2, 3))
+    torch.testing.assert_close(seen["inp"], torch.cat([feat, qq], 1))
+    assert seen["inp"].shape == (3, 32 + 10)
+    with pytest.raises(ValueError, match="readout"):
+        PAN(kind, image_size=SIZE, readout="sum")
+
+
 def test_attention_modules_per_kind():
     types = lambda m: [type(a).__name__ for a in m.attention.values()]
     assert types(PAN("none", image_size=SIZE)) == []

@@ -20,9 +20,10 @@ colour for the inverse task) conditions spatial attention. Attention kinds:
 
 Every attention module maps ``(features (B, C, h, w), query (B, Q))`` to
 values ``(B, 1, h, w)``; the mask is their sigmoid (softmax over space for
-``san``), multiplied onto the features. The head flattens the last feature
-map (or takes SAN's attended vector), appends the one-hot query and
-predicts ``num_classes`` logits.
+``san``), multiplied onto the features. The head reads the last feature
+map (flattened, or pooled with the last mask's weights: ``readout``; SAN's
+attended vector for ``san``), appends the one-hot query and predicts
+``num_classes`` logits.
 
 ``swap_attention(model)`` on a ``ctx`` / ``noctx`` model replaces its
 :class:`LocalAttention` modules by ARNN ones (adapter ``"pan_local"``,
@@ -164,6 +165,11 @@ class PAN(nn.Module):
             attention use twice this as their hidden width.
         block_size: BRNN block size ``gamma`` (``brnn`` only).
         head_hidden: width of the head's hidden layer.
+        readout: how the head reads the last feature map: ``"flatten"``
+            (all positions, position-specific weights) or ``"pool"`` (the
+            average of the last map weighted by the last mask, as PAN's
+            attended feature; the plain average for ``none``). ``san``
+            always uses its attended vector.
         backend: ARNN recurrence backend.
         arnn_kwargs: more options for the ARNN layers.
 
@@ -187,6 +193,7 @@ class PAN(nn.Module):
         hidden_channels: int = 16,
         block_size: int = 2,
         head_hidden: int = 64,
+        readout: str = "flatten",
         backend: str = "auto",
         arnn_kwargs: Optional[Dict] = None,
     ) -> None:
@@ -197,6 +204,8 @@ class PAN(nn.Module):
                         ("channels", channels), ("image_size", image_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"PAN: {name} must be a positive int, got {v!r}")
+        if readout not in ("flatten", "pool"):
+            raise ValueError(f"PAN: readout must be 'flatten' or 'pool', got {readout!r}")
         sizes = []
         s = image_size
         for _ in range(num_stacks):
@@ -205,6 +214,7 @@ class PAN(nn.Module):
         if s < 1:
             raise ValueError(f"PAN: image_size {image_size} is too small for {num_stacks} 2x2 pooling stacks")
         self.attention_kind = attention
+        self.readout = readout
         self.num_classes, self.num_queries = num_classes, num_queries
         self.image_size, self.in_channels = image_size, in_channels
         self.map_sizes = tuple(sizes)
@@ -243,7 +253,7 @@ class PAN(nn.Module):
                 else:
                     self.attention[str(i)] = AttentionRNN(channels, **kw)
 
-        feat = channels if attention == "san" else channels * s * s
+        feat = channels if attention == "san" or readout == "pool" else channels * s * s
         self.head = nn.Sequential(
             nn.Linear(feat + num_queries, head_hidden), nn.ReLU(inplace=True), nn.Linear(head_hidden, num_classes)
         )
@@ -278,6 +288,7 @@ class PAN(nn.Module):
             raise ValueError(f"PAN: got {image.shape[0]} images but {q.shape[0]} queries")
         x = image
         masks: List[torch.Tensor] = []
+        last = len(self.stacks) - 1
         for i, stack in enumerate(self.stacks):
             x = stack(x)
             attn = self.attention[str(i)] if str(i) in self.attention else None
@@ -292,8 +303,14 @@ class PAN(nn.Module):
             else:
                 m = torch.sigmoid(a)
                 masks.append(m)
-                x = x * m
-        return self.head(torch.cat([x.flatten(1), q], dim=1)), masks
+                if i == last and self.readout == "pool":
+                    # Mask-weighted average: the features where the last mask points.
+                    x = (x * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1e-6)
+                else:
+                    x = x * m
+        if x.dim() == 4:
+            x = x.mean(dim=(2, 3)) if self.readout == "pool" else x.flatten(1)
+        return self.head(torch.cat([x, q], dim=1)), masks
 
 
 def mask_correctness(masks: Sequence[torch.Tensor], target_mask: torch.Tensor) -> torch.Tensor:
