@@ -173,11 +173,12 @@ def run_outline_demo(out: str = "arnn_demo.png", seconds: float = 30.0, size: in
 # The main job: PAN with CTX and with ARNN on MBG
 
 
+_LAYOUT = dict(num_digits=(2, 3), scale_range=(1.5, 3.0), readout="pool")  # as the small reproduction
 DEMO_SETTINGS = {
     # About 5 minutes on two idle CPU cores (ARNN's steps take most of it).
-    "default": dict(size=48, n_train=3000, n_test=500, iters=400, batch=32),
+    "default": dict(size=48, n_train=10000, n_test=500, iters=800, batch=32, **_LAYOUT),
     # About a minute.
-    "quick": dict(size=48, n_train=1000, n_test=300, iters=100, batch=32),
+    "quick": dict(size=48, n_train=2000, n_test=300, iters=150, batch=32, **_LAYOUT),
 }
 
 
@@ -282,7 +283,8 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
     """Train PAN with ``ctx`` and with ``arnn`` on small MBG; print the table, write the mask PNG.
 
     ``settings`` overrides :data:`DEMO_SETTINGS` entries (``size``,
-    ``n_train``, ``n_test``, ``iters``, ``batch``). Returns per kind the test
+    ``n_train``, ``n_test``, ``iters``, ``batch``, ``num_digits``,
+    ``scale_range``, ``readout``). Returns per kind the test
     metrics (``accuracy``, ``correctness``, ``sec_per_step``, ...).
     """
     import os
@@ -296,11 +298,16 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
     for kind in ("ctx", "arnn"):
         cfg = pan_config(kind, variant="mbg", size=st["size"], n_train=st["n_train"], n_test=st["n_test"],
                          iters=st["iters"], batch=st["batch"], seed=0, data_seed=0,
+                         num_digits=st.get("num_digits"), scale_range=st.get("scale_range"),
+                         readout=st.get("readout", "flatten"),
                          work_dir=os.path.join(work_dir, kind), progress=progress, desc=f"train PAN+{kind}")
         results[kind], runners[kind] = run_pan(cfg, device=device)
     wall = time.perf_counter() - t0
     print()
-    print(f"PAN on MBG ({st['size']} px, {st['n_train']} training / {st['n_test']} test items, "
+    layout = ""
+    if st.get("num_digits"):
+        layout = f" with {st['num_digits'][0]}-{st['num_digits'][1]} digits"
+    print(f"PAN on MBG ({st['size']} px{layout}, {st['n_train']} training / {st['n_test']} test items, "
           f"{st['iters']} steps of {st['batch']})")
     print(f"{'attention':<10} {'accuracy':>9} {'mask corr.':>11} {'s/step':>8}")
     for kind, r in results.items():

@@ -156,6 +156,7 @@ def test_demo_trains_both_kinds_prints_table_writes_png(tmp_path, capsys):
                        settings=dict(size=32, n_train=32, n_test=16, iters=2, batch=8))
     text = capsys.readouterr().out
     assert "accuracy" in text and "mask corr." in text and "s/step" in text
+    assert "with 2-3 digits" in text  # the small reproduction's layout
     assert set(res) == {"ctx", "arnn"} and all(r["sec_per_step"] > 0 for r in res.values())
     assert Image.open(out).size[0] > 32 * 2 * 9  # input + (4 layers + product) x 2 models
     assert (tmp_path / "wd" / "arnn" / "iter_2.pth").is_file()

@@ -179,3 +179,18 @@ def test_mmdet_retinanet_config_reads_with_arnn_plugins():
     cfg = load_config(os.path.join(CONFIGS, "mmdet_retinanet_r50_arnn.py"))
     plugins = cfg.model.backbone.plugins
     assert plugins[0]["cfg"]["type"] == "AttentionRNN" and plugins[0]["stages"] == (False, True, True, True)
+
+
+@pytest.mark.parametrize("config, kind", [("pan_mbg_arnn.py", "AttentionRNN"), ("pan_mbg_ctx.py", "LocalAttention")])
+def test_pan_mbg_configs_train_one_iteration(tmp_path, config, kind):
+    cfg = load_config(os.path.join(CONFIGS, config))
+    for key, n in (("train_dataloader", 8), ("test_dataloader", 4)):
+        cfg[key].dataset.length = n
+        cfg[key].dataset.cache_dir = None
+        cfg[key].batch_size = 4
+    runner, before = _one_iteration(cfg, tmp_path)
+    pan = runner.model.pan
+    assert pan.readout == "pool" and {type(m).__name__ for m in pan.attention.values()} == {kind}
+    ds = runner.train_dataloader.dataset
+    assert ds.options["num_digits"] == (2, 3) and ds.options["scale_range"] == (1.5, 3.0)
+    assert _changed(runner, before, "pan.attention.")
