@@ -312,6 +312,13 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
     print(f"{'attention':<10} {'accuracy':>9} {'mask corr.':>11} {'s/step':>8}")
     for kind, r in results.items():
         print(f"{kind:<10} {100 * r['accuracy']:>8.1f}% {r['correctness']:>11.3f} {r['sec_per_step']:>8.3f}")
+    from .data import MultiDigitDataset
+    from .experiments import query_blind_accuracy
+
+    blind = query_blind_accuracy(MultiDigitDataset(
+        "mbg", "test", st["n_test"], size=st["size"], seed=0,
+        **{k: tuple(st[k]) for k in ("num_digits", "scale_range") if st.get(k)}))
+    print(f"{'blind':<10} {100 * blind:>8.1f}%   (the colour most digits share, without the query)")
     print("(chance: 20% accuracy; correctness = share of the layers' mask product on the queried digit)")
     test = runners["arnn"].test_dataloader.dataset
     sel = list(range(min(show_items, len(test))))

@@ -600,7 +600,9 @@ class ProgressBarHook(Hook):
         if self._bar is not None:
             self._bar.update(1)
             if outputs and "loss" in outputs:
-                self._bar.set_postfix(loss=f"{float(outputs['loss']):.3f}", refresh=False)
+                loss = outputs["loss"]
+                loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+                self._bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
 
     def after_train(self, runner) -> None:
         if self._bar is not None:

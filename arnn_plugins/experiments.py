@@ -32,6 +32,7 @@ __all__ = [
     "KIND_NAMES",
     "pan_config",
     "run_pan",
+    "query_blind_accuracy",
     "reproduce",
     "format_tables",
 ]
@@ -181,6 +182,46 @@ def run_pan(cfg, device: Optional[str] = None, amp: bool = False):
     return metrics, runner
 
 
+def query_blind_accuracy(dataset) -> float:
+    """Expected accuracy of the best answer that looks at the image but not the query.
+
+    The target is one of the image's digits at random, so without the query
+    the best colour answer is the colour most digits share (ties split), and
+    the best digit answer (inverse task, digits of distinct classes) is any
+    of the ``n`` digits, right ``1 / n`` of the time. This is the level a
+    model reaches before its attention follows the query.
+
+    Args:
+        dataset: a :class:`~arnn_plugins.data.MultiDigitDataset`.
+    """
+    import numpy as np
+
+    total = 0.0
+    for i in range(len(dataset)):
+        s = dataset.sample(i)
+        if dataset.task == "color":
+            counts = np.bincount(s.colours, minlength=int(s.colours.max()) + 1)
+            best = np.flatnonzero(counts == counts.max())
+            total += float(s.colours[s.target] in best) / len(best)
+        else:
+            total += 1.0 / len(s.classes)
+    return total / max(len(dataset), 1)
+
+
+def _baselines(sc: "Scale", plan) -> Dict[str, float]:
+    """Query-blind accuracy per ``group/variant/seed`` test set of the plan."""
+    from .data import MultiDigitDataset
+
+    out = {}
+    for group, variant, _, seed, task in plan:
+        key = f"{group}/{variant}/{seed}"
+        if key not in out:
+            ds = MultiDigitDataset(variant, "test", sc.n_test, task=task, size=sc.size, seed=seed,
+                                   num_digits=tuple(sc.num_digits), scale_range=tuple(sc.scale_range))
+            out[key] = query_blind_accuracy(ds)
+    return out
+
+
 def _mean_sd(values: Sequence[float]) -> Tuple[float, float]:
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
@@ -221,6 +262,10 @@ def format_tables(results: dict) -> str:
         mbg = _runs(results, "table1", "mbg", kind)
         step = _mean_sd([r["sec_per_step"] for r in mbg])[0]
         lines.append(f"| {KIND_NAMES[kind]} | " + " | ".join(cells) + f" | {step:.3f} |")
+    base = results.get("baselines") or {}
+    if base:
+        cells = [_cell([base[k] for k in base if k.startswith(f"table1/{v}/")]) for v in variants]
+        lines.append("| query-blind | " + " | ".join(cells) + " | - |")
     if "mbg" in variants:
         bins = [k for k in (results["runs"][0] if results["runs"] else {}) if k.startswith("acc_scale_")]
         lines += ["", "**Table 2** MBG: mask correctness and accuracy (%) by target scale", "",
@@ -241,6 +286,11 @@ def format_tables(results: dict) -> str:
             lines.append(f"| {KIND_NAMES[kind]} | {_cell([r['accuracy'] for r in runs])}"
                          + (f" [{pa[0]:.1f}]" if pa else "") + f" | {_cell([r['correctness'] for r in runs], False)}"
                          + (f" [{pa[1]:.2f}]" if pa else "") + " |")
+        if base:
+            lines.append(f"| query-blind | {_cell([base[k] for k in base if k.startswith('inverse/')])} | - |")
+    if base:
+        lines += ["", "query-blind: the best expected accuracy without the query (the colour most digits "
+                      "in the image share; for the inverse task any one of the digits), on the same test sets."]
     lines += ["", f"Wall time {results.get('wall_s', float('nan')) / 60:.1f} min on {results.get('machine', '?')}."]
     return "\n".join(lines) + "\n"
 
@@ -352,6 +402,9 @@ def reproduce(scale: str = "small", out: str = "arnn_reproduce", device: Optiona
                 tag, key = futures[fut]
                 record(tag, key, fut.result())
     results["wall_s"] = wall0 + time.perf_counter() - t_start
+    # The level every model starts from, for reading the tables.
+    base = _baselines(sc, plan)
+    results["baselines"] = base
     with open(json_path, "w") as f:
         json.dump(results, f, indent=1)
     with open(md_path, "w") as f:

@@ -139,8 +139,11 @@ def test_reproduce_tiny_writes_tables_and_json(tmp_path, capsys):
     for r in runs:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["correctness"] <= 1 and r["sec_per_step"] > 0
     md = (out / "results.md").read_text()
-    for word in ("Table 1", "Table 2", "Inverse", "SAN", "CTX", "ARNN", "MREF", "MBG", "±", "0.5-1", "[87.4]"):
+    for word in ("Table 1", "Table 2", "Inverse", "SAN", "CTX", "ARNN", "MREF", "MBG", "±", "0.5-1", "[87.4]",
+                 "| query-blind |"):
         assert word in md
+    assert set(res["baselines"]) == {"table1/mref/0", "table1/mref/1", "table1/mbg/0", "table1/mbg/1",
+                                     "inverse/mbg/0", "inverse/mbg/1"}
     assert "Table 1" in capsys.readouterr().out
     # A second call finds every run done and trains nothing.
     before = (out / "results.json").read_text()
@@ -157,6 +160,7 @@ def test_demo_trains_both_kinds_prints_table_writes_png(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "accuracy" in text and "mask corr." in text and "s/step" in text
     assert "with 2-3 digits" in text  # the small reproduction's layout
+    assert "blind" in text
     assert set(res) == {"ctx", "arnn"} and all(r["sec_per_step"] > 0 for r in res.values())
     assert Image.open(out).size[0] > 32 * 2 * 9  # input + (4 layers + product) x 2 models
     assert (tmp_path / "wd" / "arnn" / "iter_2.pth").is_file()
@@ -220,6 +224,27 @@ def test_reproduce_scales_cover_the_papers_tables():
         assert sc.kinds == TABLE1_KINDS and sc.variants == ("mref", "mdist", "mbg")
         assert sc.inverse_kinds == INVERSE_KINDS and len(sc.seeds) >= 2
     assert SCALES["full"].size == 100 and SCALES["full"].n_train == 30000 and SCALES["full"].n_test == 10000
+
+
+@pytest.mark.parametrize("task", ["color", "digit"])
+def test_query_blind_accuracy_by_hand(task):
+    import numpy as np
+
+    from arnn_plugins.data import MultiDigitDataset
+    from arnn_plugins.experiments import query_blind_accuracy
+
+    ds = MultiDigitDataset("mref", "test", 6, task=task, size=32, seed=2, num_digits=(2, 3), scale_range=(1.0, 1.5))
+    expected = []
+    for i in range(6):
+        s = ds.sample(i)
+        if task == "color":
+            counts = {c: int((s.colours == c).sum()) for c in set(s.colours.tolist())}
+            top = [c for c, n in counts.items() if n == max(counts.values())]
+            expected.append((s.colours[s.target] in top) / len(top))
+        else:
+            expected.append(1 / len(s.classes))
+    assert query_blind_accuracy(ds) == pytest.approx(float(np.mean(expected)))
+    assert 0 < query_blind_accuracy(ds) <= 1
 
 
 def test_pan_config_carries_digit_layout_and_readout():
