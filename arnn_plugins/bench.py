@@ -325,7 +325,6 @@ def format_table(title: str, rows: List[Row], ratio_label: str, step_label: str 
     return "\n".join(lines)
 
 
-
 def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool = True,
         batch: Optional[int] = None, amp: bool = False, size: Optional[int] = None) -> str:
     """Run the benchmarks with a progress bar; returns the markdown tables."""

@@ -132,38 +132,37 @@ static void outer_acc_##SUF(T *dw, const T *hs, long hsj, const T *zs, long zsj,
     }                                                                              \
 }                                                                                  \
                                                                                    \
-/* a[g] = x[g] + sum_k hu[k] wu[k * G + g] + sum_k hl[k] wl[k * G + g]      */  \
-/* (a null neighbour adds nothing), 32 sums at a time in registers.         */  \
+/* gates_block works on a block of 32 columns; called with the literal   */   \
+/* 32 (every block but a tail) its inlined loops have a constant trip     */   \
+/* count and the sums stay in registers.                                   */   \
+/* a[g] = x[g] + sum_k hu[k] wu[k * G + g] + sum_k hl[k] wl[k * G + g],     */  \
+/* g < gn; a null neighbour adds nothing.                                   */  \
+static inline __attribute__((always_inline)) void                               \
+gates_block_##SUF(T *restrict a, const T *restrict x, const T *restrict hu,      \
+                  const T *restrict wu, const T *restrict hl,                    \
+                  const T *restrict wl, int t, int G, const int gn)              \
+{                                                                                  \
+    T acc[32];                                                                     \
+    for (int g = 0; g < gn; ++g) acc[g] = x[g];                                    \
+    if (hu) for (int k = 0; k < t; ++k) {                                          \
+        const T hk = hu[k]; const T *w = wu + (long)k * G;                         \
+        for (int g = 0; g < gn; ++g) acc[g] += hk * w[g];                          \
+    }                                                                              \
+    if (hl) for (int k = 0; k < t; ++k) {                                          \
+        const T hk = hl[k]; const T *w = wl + (long)k * G;                         \
+        for (int g = 0; g < gn; ++g) acc[g] += hk * w[g];                          \
+    }                                                                              \
+    for (int g = 0; g < gn; ++g) a[g] = acc[g];                                    \
+}                                                                                  \
 static void gates_##SUF(T *restrict a, const T *restrict x, const T *restrict hu, \
                         const T *restrict wu, const T *restrict hl,               \
                         const T *restrict wl, int t, int G)                       \
 {                                                                                  \
     for (int g0 = 0; g0 < G; g0 += 32) {                                           \
-        const int gn = G - g0 < 32 ? G - g0 : 32;                                  \
-        T acc[32];                                                                 \
-        if (gn == 32) {                                                            \
-            for (int g = 0; g < 32; ++g) acc[g] = x[g0 + g];                       \
-            if (hu) for (int k = 0; k < t; ++k) {                                  \
-                const T hk = hu[k]; const T *w = wu + (long)k * G + g0;            \
-                for (int g = 0; g < 32; ++g) acc[g] += hk * w[g];                  \
-            }                                                                      \
-            if (hl) for (int k = 0; k < t; ++k) {                                  \
-                const T hk = hl[k]; const T *w = wl + (long)k * G + g0;            \
-                for (int g = 0; g < 32; ++g) acc[g] += hk * w[g];                  \
-            }                                                                      \
-            for (int g = 0; g < 32; ++g) a[g0 + g] = acc[g];                       \
-        } else {                                                                   \
-            for (int g = 0; g < gn; ++g) acc[g] = x[g0 + g];                       \
-            if (hu) for (int k = 0; k < t; ++k) {                                  \
-                const T hk = hu[k]; const T *w = wu + (long)k * G + g0;            \
-                for (int g = 0; g < gn; ++g) acc[g] += hk * w[g];                  \
-            }                                                                      \
-            if (hl) for (int k = 0; k < t; ++k) {                                  \
-                const T hk = hl[k]; const T *w = wl + (long)k * G + g0;            \
-                for (int g = 0; g < gn; ++g) acc[g] += hk * w[g];                  \
-            }                                                                      \
-            for (int g = 0; g < gn; ++g) a[g0 + g] = acc[g];                       \
-        }                                                                          \
+        if (G - g0 >= 32)                                                          \
+            gates_block_##SUF(a + g0, x + g0, hu, wu + g0, hl, wl + g0, t, G, 32); \
+        else                                                                       \
+            gates_block_##SUF(a + g0, x + g0, hu, wu + g0, hl, wl + g0, t, G, G - g0); \
     }                                                                              \
 }                                                                                  \
                                                                                    \
