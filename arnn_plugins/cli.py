@@ -230,6 +230,8 @@ THREADS_HELP = ("CPU threads for torch (default 1: ARNN's scan is many small ops
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``arnn-plugins``."""
+    from .experiments import SCALES
+
     p = argparse.ArgumentParser(prog="arnn-plugins", description="AttentionRNN plugins for model zoos")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -282,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_show)
 
     s = sub.add_parser("reproduce", help="the paper's Table 1, Table 2 and inverse experiment (markdown + JSON)")
-    s.add_argument("--scale", default="small", choices=["tiny", "small", "full"],
-                   help="tiny: seconds (plumbing); small: about an hour on 2 CPU cores; full: paper sizes, GPU")
+    s.add_argument("--scale", default="small", choices=list(SCALES),
+                   help="tiny: seconds (plumbing); small: about an hour on 2 CPU cores; long: MBG only, "
+                        "2500 iterations, about an hour; full: paper sizes, GPU")
     s.add_argument("--tiny", dest="scale", action="store_const", const="tiny", help="same as --scale tiny")
     s.add_argument("--out", default="arnn_reproduce", help="folder for results.md, results.json and runs/")
     s.add_argument("--device", default=None)

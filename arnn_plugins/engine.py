@@ -80,8 +80,9 @@ class PANModel(BaseModel):
     ``forward(image (B, 3, H, W), query (B,), answer (B,), mask (B, H, W),
     scale (B,), mode)``: ``mode='loss'`` gives ``{'loss': cross-entropy}``;
     ``'predict'`` a list with one dict per item (``pred``, ``answer``,
-    ``correctness``, ``scale``); ``'tensor'`` the PAN output ``(logits (B,
-    K), masks)``.
+    ``correctness`` of the mask product, ``layer_correctness``: a list with
+    the correctness of each layer's mask alone, ``scale``); ``'tensor'`` the
+    PAN output ``(logits (B, K), masks)``.
     """
 
     def __init__(self, attention: str = "arnn", data_preprocessor=None, init_cfg=None, **pan_kwargs) -> None:
@@ -100,14 +101,18 @@ class PANModel(BaseModel):
             pred = logits.argmax(1)
             if mask is not None:
                 corr = mask_correctness(masks, mask)
+                # Each layer alone: which layers localise the target, when the product does not.
+                layers = [mask_correctness([m], mask).tolist() for m in masks]
             else:
                 corr = torch.full(pred.shape, float("nan"))
+                layers = [[float("nan")] * pred.shape[0] for _ in masks]
             out = []
             for k in range(pred.shape[0]):
                 out.append(dict(
                     pred=int(pred[k]),
                     answer=int(answer[k]) if answer is not None else -1,
                     correctness=float(corr[k]),
+                    layer_correctness=[layer[k] for layer in layers],
                     scale=float(scale[k]) if scale is not None else float("nan"),
                 ))
             return out
@@ -118,7 +123,9 @@ class PANModel(BaseModel):
 class PANMetric(BaseMetric):
     """Accuracy, mask correctness and accuracy per target-scale bucket (paper Tables 1-2).
 
-    Keys (with the ``pan`` prefix): ``accuracy``, ``correctness``,
+    Keys (with the ``pan`` prefix): ``accuracy``, ``correctness`` (of the
+    product of all layers' masks, the paper's metric), ``correctness_l<k>``
+    (layer ``k``'s mask alone, ``k = 1`` the first, finest layer) and
     ``acc_scale_<lo>-<hi>`` for each bucket of ``scale_bins``.
     """
 
@@ -137,6 +144,9 @@ class PANMetric(BaseMetric):
             "accuracy": sum(r["pred"] == r["answer"] for r in results) / n,
             "correctness": sum(r["correctness"] for r in results) / n,
         }
+        n_layers = min((len(r.get("layer_correctness", ())) for r in results), default=0)
+        for k in range(n_layers):
+            out[f"correctness_l{k + 1}"] = sum(r["layer_correctness"][k] for r in results) / n
         for lo, hi in zip(self.scale_bins[:-1], self.scale_bins[1:]):
             last = hi == self.scale_bins[-1]
             sel = [r for r in results if lo <= r["scale"] < hi or (last and r["scale"] == hi)]

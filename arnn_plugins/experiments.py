@@ -9,7 +9,8 @@
 Every cell is trained and tested once per seed (model seed = data seed
 offset; data sets are shared across kinds), and the tables give mean and
 spread (sample standard deviation) over seeds. :data:`SCALES` sets the sizes:
-``tiny`` (seconds, for tests), ``small`` (about an hour on two CPU cores) and
+``tiny`` (seconds, for tests), ``small`` (about an hour on two CPU cores),
+``long`` (the MBG parts only, 2.5x the iterations, about an hour) and
 ``full`` (the paper's data sizes; for a GPU).
 """
 
@@ -84,6 +85,10 @@ SCALES: Dict[str, Scale] = {
                    note="48 px images with 2-3 large digits (scales 1.5-3.0; 5-9 digits at 0.5-3.0 do not "
                         "learn in a CPU budget), 20k training items, 1000 iterations of 32, mask-weighted "
                         "pooled readout: about an hour on 2 CPU cores with --jobs 2"),
+    "long": Scale(size=48, n_train=20000, n_test=1000, iters=2500, batch=32, seeds=(0, 1), num_digits=(2, 3),
+                  scale_range=(1.5, 3.0), readout="pool", variants=("mbg",),
+                  note="the small layout on MBG only (Table 1's MBG column, Table 2, the inverse task), trained "
+                       "2500 iterations: long enough for models to leave the query-blind level; about an hour"),
     "full": Scale(size=100, n_train=30000, n_test=10000, iters=14000, batch=32, seeds=(0, 1, 2), lr=1e-3,
                   note="the paper's image and data set sizes (30k / 10k), 15 epochs; for a GPU"),
 }
@@ -240,6 +245,14 @@ def _runs(results: dict, group: str, variant: str, kind: str) -> List[dict]:
     return [r for r in results["runs"] if r["group"] == group and r["variant"] == variant and r["kind"] == kind]
 
 
+def _layer_cell(runs: Sequence[dict]) -> str:
+    """Mean correctness of each layer's mask alone, first to last layer, over runs."""
+    n = min((sum(1 for k in r if k.startswith("correctness_l")) for r in runs), default=0)
+    if not n:
+        return "-"
+    return " / ".join(f"{_mean_sd([r[f'correctness_l{k}'] for r in runs])[0]:.2f}" for k in range(1, n + 1))
+
+
 def format_tables(results: dict) -> str:
     """Markdown for Table 1, Table 2 and the inverse experiment, from :func:`reproduce`'s results."""
     sc = results["scale"]
@@ -268,29 +281,38 @@ def format_tables(results: dict) -> str:
         lines.append("| query-blind | " + " | ".join(cells) + " | - |")
     if "mbg" in variants:
         bins = [k for k in (results["runs"][0] if results["runs"] else {}) if k.startswith("acc_scale_")]
+        layered = any("correctness_l1" in r for r in results["runs"])
         lines += ["", "**Table 2** MBG: mask correctness and accuracy (%) by target scale", "",
-                  "| attention | correctness | " + " | ".join(b[len("acc_scale_"):] for b in bins) + " |",
-                  "|---|---|" + "---|" * len(bins)]
+                  "| attention | correctness | " + ("per layer, first to last | " if layered else "")
+                  + " | ".join(b[len("acc_scale_"):] for b in bins) + " |",
+                  "|---|---|" + ("---|" if layered else "") + "---|" * len(bins)]
         for kind in sc["kinds"]:
             runs = _runs(results, "table1", "mbg", kind)
             pc = PAPER["correctness"].get(kind)
             corr = _cell([r["correctness"] for r in runs], pct=False) + (f" [{pc:.2f}]" if pc is not None else "")
-            lines.append(f"| {KIND_NAMES[kind]} | {corr} | "
+            per_layer = (f"{_layer_cell(runs)} | " if layered else "")
+            lines.append(f"| {KIND_NAMES[kind]} | {corr} | {per_layer}"
                          + " | ".join(_cell([r[b] for r in runs]) for b in bins) + " |")
     if sc["inverse_kinds"]:
+        layered = any("correctness_l1" in r for r in results["runs"] if r["group"] == "inverse")
         lines += ["", "**Inverse attribute prediction** (MBG, query a colour, answer the digit)", "",
-                  "| attention | accuracy (%) | correctness |", "|---|---|---|"]
+                  "| attention | accuracy (%) | correctness |" + (" per layer, first to last |" if layered else ""),
+                  "|---|---|---|" + ("---|" if layered else "")]
         for kind in sc["inverse_kinds"]:
             runs = _runs(results, "inverse", "mbg", kind)
             pa = PAPER["inverse"].get(kind)
             lines.append(f"| {KIND_NAMES[kind]} | {_cell([r['accuracy'] for r in runs])}"
                          + (f" [{pa[0]:.1f}]" if pa else "") + f" | {_cell([r['correctness'] for r in runs], False)}"
-                         + (f" [{pa[1]:.2f}]" if pa else "") + " |")
+                         + (f" [{pa[1]:.2f}]" if pa else "") + " |" + (f" {_layer_cell(runs)} |" if layered else ""))
         if base:
-            lines.append(f"| query-blind | {_cell([base[k] for k in base if k.startswith('inverse/')])} | - |")
+            lines.append(f"| query-blind | {_cell([base[k] for k in base if k.startswith('inverse/')])} | - |"
+                         + (" - |" if layered else ""))
     if base:
         lines += ["", "query-blind: the best expected accuracy without the query (the colour most digits "
                       "in the image share; for the inverse task any one of the digits), on the same test sets."]
+    if any("correctness_l1" in r for r in results["runs"]):
+        lines += ["", "correctness: the paper's metric, the share of the product of all layers' masks (upsampled) "
+                      "inside the target digit; per layer: each layer's mask alone (means over seeds)."]
     lines += ["", f"Wall time {results.get('wall_s', float('nan')) / 60:.1f} min on {results.get('machine', '?')}."]
     return "\n".join(lines) + "\n"
 

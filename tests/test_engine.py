@@ -140,8 +140,13 @@ def test_reproduce_tiny_writes_tables_and_json(tmp_path, capsys):
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["correctness"] <= 1 and r["sec_per_step"] > 0
     md = (out / "results.md").read_text()
     for word in ("Table 1", "Table 2", "Inverse", "SAN", "CTX", "ARNN", "MREF", "MBG", "±", "0.5-1", "[87.4]",
-                 "| query-blind |"):
+                 "| query-blind |", "per layer, first to last"):
         assert word in md
+    # Per-layer correctness: one value per attention layer (SAN has one, CTX / ARNN one per stack).
+    nl = {r["kind"]: sum(k.startswith("correctness_l") for k in r) for r in runs}
+    assert nl == {"san": 1, "ctx": 3, "arnn": 3}
+    san = [r for r in runs if r["kind"] == "san"]
+    assert all(r["correctness_l1"] == pytest.approx(r["correctness"], abs=1e-6) for r in san)
     assert set(res["baselines"]) == {"table1/mref/0", "table1/mref/1", "table1/mbg/0", "table1/mbg/1",
                                      "inverse/mbg/0", "inverse/mbg/1"}
     assert "Table 1" in capsys.readouterr().out
@@ -173,18 +178,21 @@ def test_demo_command_options():
     assert args.quick and args.out == "arnn_demo.png" and args.fn.__name__ == "_cmd_demo"
     assert args.threads == 1
     assert build_parser().parse_args(["reproduce", "--tiny"]).scale == "tiny"
+    assert build_parser().parse_args(["reproduce", "--scale", "long"]).scale == "long"
 
 
 def test_pan_metric_buckets_and_model_modes():
     from arnn_plugins.engine import PANMetric, PANModel
 
     m = PANMetric()
-    m.process(None, [dict(pred=1, answer=1, correctness=0.5, scale=0.7),
-                     dict(pred=0, answer=1, correctness=0.1, scale=0.9),
-                     dict(pred=2, answer=2, correctness=0.3, scale=3.0)])
+    m.process(None, [dict(pred=1, answer=1, correctness=0.5, layer_correctness=[0.2, 0.9], scale=0.7),
+                     dict(pred=0, answer=1, correctness=0.1, layer_correctness=[0.4, 0.3], scale=0.9),
+                     dict(pred=2, answer=2, correctness=0.3, layer_correctness=[0.0, 0.6], scale=3.0)])
     got = m.evaluate(3)
     assert got["pan/accuracy"] == pytest.approx(2 / 3)
     assert got["pan/correctness"] == pytest.approx(0.3)
+    assert got["pan/correctness_l1"] == pytest.approx(0.2) and got["pan/correctness_l2"] == pytest.approx(0.6)
+    assert "pan/correctness_l3" not in got
     assert got["pan/acc_scale_0.5-1"] == pytest.approx(0.5)
     assert got["pan/acc_scale_2.5-3"] == 1.0  # the top edge belongs to the last bucket
     assert np.isnan(got["pan/acc_scale_1-1.5"])
@@ -199,6 +207,15 @@ def test_pan_metric_buckets_and_model_modes():
     preds = model(x, q, a, mask, torch.ones(3), mode="predict")
     assert [p["pred"] for p in preds] == logits.argmax(1).tolist()
     assert 0 < preds[0]["correctness"] < 1
+    # Each layer's own correctness is that mask alone against the target; the product's is the paper's metric.
+    from arnn_plugins.models.pan import mask_correctness
+
+    assert len(preds[0]["layer_correctness"]) == len(masks) == 2
+    for k, m_k in enumerate(masks):
+        want = mask_correctness([m_k], mask)
+        assert [p["layer_correctness"][k] for p in preds] == pytest.approx(want.tolist(), abs=1e-6)
+    lc = torch.tensor([p["layer_correctness"] for p in preds])
+    assert not torch.allclose(lc[:, 0], torch.tensor([p["correctness"] for p in preds]))
     with pytest.raises(ValueError, match="mode"):
         model(x, q, mode="nope")
 
@@ -224,6 +241,12 @@ def test_reproduce_scales_cover_the_papers_tables():
         assert sc.kinds == TABLE1_KINDS and sc.variants == ("mref", "mdist", "mbg")
         assert sc.inverse_kinds == INVERSE_KINDS and len(sc.seeds) >= 2
     assert SCALES["full"].size == 100 and SCALES["full"].n_train == 30000 and SCALES["full"].n_test == 10000
+    # long: the small layout on MBG only (Table 2 and the inverse task need no other variant), trained longer.
+    small, long = SCALES["small"], SCALES["long"]
+    assert long.variants == ("mbg",) and long.kinds == TABLE1_KINDS and long.inverse_kinds == INVERSE_KINDS
+    assert long.iters > small.iters and len(long.seeds) >= 2
+    assert (long.size, long.n_train, long.num_digits, long.scale_range, long.readout) == (
+        small.size, small.n_train, small.num_digits, small.scale_range, small.readout)
 
 
 def test_query_blind_accuracy_known_layouts():

@@ -212,6 +212,8 @@ def test_evaluate_pan_matches_a_manual_count():
     assert res["count"] == 6
     assert res["accuracy"] == pytest.approx((logits.argmax(1) == batch["answer"]).float().mean().item())
     assert res["correctness"] == pytest.approx(mask_correctness(masks, batch["mask"]).mean().item(), abs=1e-6)
+    want = [mask_correctness([m], batch["mask"]).mean().item() for m in masks]
+    assert len(want) == 4 and res["layer_correctness"] == pytest.approx(want, abs=1e-6)
     assert sum(v == v for v in res["per_scale"].values()) >= 1  # some scale bins are filled
 
 

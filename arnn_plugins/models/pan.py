@@ -357,13 +357,16 @@ def evaluate_pan(model: PAN, loader, device=None, scale_bins: Sequence[float] = 
 
     ``loader`` yields dicts as :class:`~arnn_plugins.data.MultiDigitDataset`
     gives them (``image``, ``query``, ``answer``, ``mask``, optional
-    ``scale``). Returns ``{"accuracy", "correctness", "per_scale": {bin:
-    accuracy}, "count"}``; the model is put in eval mode.
+    ``scale``). Returns ``{"accuracy", "correctness", "layer_correctness",
+    "per_scale": {bin: accuracy}, "count"}``: ``correctness`` is that of the
+    mask product (the paper's metric), ``layer_correctness`` a list with
+    each layer's mask alone; the model is put in eval mode.
     """
     model.eval()
     device = device or next(model.parameters()).device
     correct = total = 0
     corr_sum = 0.0
+    layer_sums: List[float] = []
     edges = torch.tensor(list(scale_bins), dtype=torch.float64)
     bin_hit = torch.zeros(len(scale_bins) - 1, dtype=torch.float64)
     bin_n = torch.zeros_like(bin_hit)
@@ -372,7 +375,11 @@ def evaluate_pan(model: PAN, loader, device=None, scale_bins: Sequence[float] = 
         hit = (logits.argmax(1).cpu() == batch["answer"]).double()
         correct += hit.sum().item()
         total += hit.numel()
-        corr_sum += mask_correctness(masks, batch["mask"].to(device)).sum().item()
+        target = batch["mask"].to(device)
+        corr_sum += mask_correctness(masks, target).sum().item()
+        layer_sums = layer_sums or [0.0] * len(masks)
+        for k, m in enumerate(masks):
+            layer_sums[k] += mask_correctness([m], target).sum().item()
         if "scale" in batch:
             idx = torch.bucketize(batch["scale"].double(), edges[1:-1], right=True)
             bin_hit.index_add_(0, idx, hit)
@@ -382,7 +389,8 @@ def evaluate_pan(model: PAN, loader, device=None, scale_bins: Sequence[float] = 
         for i in range(len(scale_bins) - 1)
     }
     n = max(total, 1)
-    return {"accuracy": correct / n, "correctness": corr_sum / n, "per_scale": per_scale, "count": total}
+    return {"accuracy": correct / n, "correctness": corr_sum / n, "layer_correctness": [v / n for v in layer_sums],
+            "per_scale": per_scale, "count": total}
 
 
 def train_pan(model: PAN, loader, epochs: int = 1, lr: float = 1e-3, device=None,
