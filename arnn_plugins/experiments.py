@@ -23,7 +23,7 @@ import os.path as osp
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "Scale",
@@ -339,12 +339,19 @@ def _run_job(cfg_dict: dict, device: Optional[str], threads: int) -> dict:
     return run_pan(Config(cfg_dict), device=device)[0]
 
 
-def reproduce(scale: str = "small", out: str = "arnn_reproduce", device: Optional[str] = None,
+def _settings(scale: dict) -> dict:
+    # Compared as JSON gives them back (tuples as lists), without the free-text note.
+    return {k: v for k, v in json.loads(json.dumps(scale)).items() if k != "note"}
+
+
+def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", device: Optional[str] = None,
               progress: bool = True, log: Callable[[str], None] = print, cache_dir: Optional[str] = "default",
               jobs: int = 1):
     """Run Table 1, Table 2 and the inverse experiment at ``scale``; write ``results.json`` and ``results.md``.
 
-    Runs already in ``out/results.json`` (same scale) are kept, so an
+    ``scale`` is a name in :data:`SCALES` or a :class:`Scale` of one's own
+    (e.g. ``dataclasses.replace(SCALES["small"], iters=4000)``). Runs
+    already in ``out/results.json`` with the same settings are kept, so an
     interrupted reproduction continues where it stopped. ``jobs > 1`` trains
     that many models at once in worker processes (each with this process's
     torch thread count); the data sets are generated first, here.
@@ -353,18 +360,22 @@ def reproduce(scale: str = "small", out: str = "arnn_reproduce", device: Optiona
         the results dict (``runs``: one dict per trained model with its
         group, variant, kind, seed and test metrics).
     """
-    if scale not in SCALES:
-        raise ValueError(f"reproduce: scale must be one of {list(SCALES)}, got {scale!r}")
+    if isinstance(scale, Scale):
+        sc = scale
+        scale = next((name for name, s in SCALES.items() if s == sc), "custom")
+    elif scale in SCALES:
+        sc = SCALES[scale]
+    else:
+        raise ValueError(f"reproduce: scale must be one of {list(SCALES)} or a Scale, got {scale!r}")
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"reproduce: jobs must be an int >= 1, got {jobs!r}")
-    sc = SCALES[scale]
     os.makedirs(out, exist_ok=True)
     json_path, md_path = osp.join(out, "results.json"), osp.join(out, "results.md")
     results = {"scale_name": scale, "scale": asdict(sc), "runs": [], "machine": _machine(), "wall_s": 0.0}
     if osp.isfile(json_path):
         with open(json_path) as f:
             old = json.load(f)
-        if old.get("scale_name") == scale:
+        if _settings(old.get("scale", {})) == _settings(asdict(sc)):
             results["runs"] = old.get("runs", [])
             results["wall_s"] = old.get("wall_s", 0.0)
     done = {(r["group"], r["variant"], r["kind"], r["seed"]) for r in results["runs"]}

@@ -249,6 +249,30 @@ def test_reproduce_scales_cover_the_papers_tables():
         small.size, small.n_train, small.num_digits, small.scale_range, small.readout)
 
 
+def test_reproduce_full_layout_runs_on_a_custom_scale(tmp_path):
+    from dataclasses import replace
+
+    from arnn_plugins.experiments import SCALES, reproduce
+
+    # The paper's layout (100 px, 5-9 digits, flatten head) with sizes cut to seconds.
+    sc = replace(SCALES["full"], n_train=8, n_test=8, iters=1, batch=4, seeds=(0,), kinds=("arnn",),
+                 inverse_kinds=("ctx",))
+    res = reproduce(sc, out=str(tmp_path), progress=False, log=lambda s: None, cache_dir=None)
+    assert res["scale_name"] == "custom" and res["scale"]["size"] == 100
+    assert [(r["group"], r["kind"]) for r in res["runs"]] == [("table1", "arnn")] * 3 + [("inverse", "ctx")]
+    for r in res["runs"]:
+        assert r["iters"] == 1 and sorted(k for k in r if k.startswith("correctness_l")) == [
+            "correctness_l1", "correctness_l2", "correctness_l3", "correctness_l4"]  # 50, 25, 12, 6 px maps
+    md = (tmp_path / "results.md").read_text()
+    assert "100 px images with 5-9 digits at scales 0.5-3" in md and "readout `flatten`" in md
+    # Other settings in the same folder start afresh instead of mixing runs.
+    res2 = reproduce(replace(sc, kinds=("ctx",), variants=("mbg",), inverse_kinds=()), out=str(tmp_path),
+                     progress=False, log=lambda s: None, cache_dir=None)
+    assert [(r["variant"], r["kind"]) for r in res2["runs"]] == [("mbg", "ctx")]
+    with pytest.raises(ValueError, match="reproduce: scale must be one of"):
+        reproduce("huge", out=str(tmp_path))
+
+
 def test_query_blind_accuracy_known_layouts():
     from types import SimpleNamespace
 
