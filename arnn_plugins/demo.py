@@ -310,9 +310,11 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
         layout = f" with {st['num_digits'][0]}-{st['num_digits'][1]} digits"
     print(f"PAN on MBG ({st['size']} px{layout}, {st['n_train']} training / {st['n_test']} test items, "
           f"{st['iters']} steps of {st['batch']})")
-    print(f"{'attention':<10} {'accuracy':>9} {'mask corr.':>11} {'s/step':>8}")
+    print(f"{'attention':<10} {'accuracy':>9} {'mask corr.':>11} {'s/step':>8}   per-layer corr., first to last")
     for kind, r in results.items():
-        print(f"{kind:<10} {100 * r['accuracy']:>8.1f}% {r['correctness']:>11.3f} {r['sec_per_step']:>8.3f}")
+        layers = " / ".join(f"{r[k]:.2f}" for k in sorted(r) if k.startswith("correctness_l"))
+        print(f"{kind:<10} {100 * r['accuracy']:>8.1f}% {r['correctness']:>11.3f} {r['sec_per_step']:>8.3f}   "
+              f"{layers}")
     from .data import MultiDigitDataset
     from .experiments import query_blind_accuracy
 
@@ -320,7 +322,8 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
         "mbg", "test", st["n_test"], size=st["size"], seed=0,
         **{k: tuple(st[k]) for k in ("num_digits", "scale_range") if st.get(k)}))
     print(f"{'blind':<10} {100 * blind:>8.1f}%   (the colour most digits share, without the query)")
-    print("(chance: 20% accuracy; correctness = share of the layers' mask product on the queried digit)")
+    print("(chance: 20% accuracy; correctness = share of the layers' mask product on the queried digit;\n"
+          " per layer: each layer's mask alone)")
     test = runners["arnn"].test_dataloader.dataset
     sel = list(range(min(show_items, len(test))))
     batch = [test[i] for i in sel]

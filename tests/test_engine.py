@@ -164,6 +164,9 @@ def test_demo_trains_both_kinds_prints_table_writes_png(tmp_path, capsys):
                        settings=dict(size=32, n_train=32, n_test=16, iters=2, batch=8))
     text = capsys.readouterr().out
     assert "accuracy" in text and "mask corr." in text and "s/step" in text
+    # One per-layer correctness per attention layer (32 px: 16, 8, 4, 2 px maps), on each model's row.
+    rows = [line for line in text.splitlines() if line.startswith(("ctx ", "arnn "))]
+    assert len(rows) == 2 and all(row.count(" / ") == 3 for row in rows)
     assert "with 2-3 digits" in text  # the small reproduction's layout
     assert "blind" in text
     assert set(res) == {"ctx", "arnn"} and all(r["sec_per_step"] > 0 for r in res.values())
