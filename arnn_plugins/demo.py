@@ -312,7 +312,8 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
           f"{st['iters']} steps of {st['batch']})")
     print(f"{'attention':<10} {'accuracy':>9} {'mask corr.':>11} {'s/step':>8}   per-layer corr., first to last")
     for kind, r in results.items():
-        layers = " / ".join(f"{r[k]:.2f}" for k in sorted(r) if k.startswith("correctness_l"))
+        n_layers = sum(k.startswith("correctness_l") for k in r)
+        layers = " / ".join(f"{r[f'correctness_l{k}']:.2f}" for k in range(1, n_layers + 1))
         print(f"{kind:<10} {100 * r['accuracy']:>8.1f}% {r['correctness']:>11.3f} {r['sec_per_step']:>8.3f}   "
               f"{layers}")
     from .data import MultiDigitDataset
