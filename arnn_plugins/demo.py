@@ -317,12 +317,13 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
         print(f"{kind:<10} {100 * r['accuracy']:>8.1f}% {r['correctness']:>11.3f} {r['sec_per_step']:>8.3f}   "
               f"{layers}")
     from .data import MultiDigitDataset
-    from .experiments import query_blind_accuracy
+    from .experiments import query_blind_accuracy, uniform_mask_correctness
 
-    blind = query_blind_accuracy(MultiDigitDataset(
-        "mbg", "test", st["n_test"], size=st["size"], seed=0,
-        **{k: tuple(st[k]) for k in ("num_digits", "scale_range") if st.get(k)}))
-    print(f"{'blind':<10} {100 * blind:>8.1f}%   (the colour most digits share, without the query)")
+    test_set = MultiDigitDataset("mbg", "test", st["n_test"], size=st["size"], seed=0,
+                                 **{k: tuple(st[k]) for k in ("num_digits", "scale_range") if st.get(k)})
+    blind, uniform = query_blind_accuracy(test_set), uniform_mask_correctness(test_set)
+    print(f"{'blind':<10} {100 * blind:>8.1f}% {uniform:>11.3f}            "
+          "(without the query: the colour most digits share; a uniform mask)")
     print("(chance: 20% accuracy; correctness = share of the layers' mask product on the queried digit;\n"
           " per layer: each layer's mask alone)")
     test = runners["arnn"].test_dataloader.dataset

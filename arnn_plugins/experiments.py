@@ -34,6 +34,7 @@ __all__ = [
     "pan_config",
     "run_pan",
     "query_blind_accuracy",
+    "uniform_mask_correctness",
     "reproduce",
     "format_tables",
 ]
@@ -213,18 +214,34 @@ def query_blind_accuracy(dataset) -> float:
     return total / max(len(dataset), 1)
 
 
-def _baselines(sc: "Scale", plan) -> Dict[str, float]:
-    """Query-blind accuracy per ``group/variant/seed`` test set of the plan."""
+def uniform_mask_correctness(dataset) -> float:
+    """Mask correctness of a uniform mask: the target digit's mean share of the image.
+
+    The level attention starts from; a mask scores above it only where it
+    weights the queried digit more than the rest of the image.
+
+    Args:
+        dataset: a :class:`~arnn_plugins.data.MultiDigitDataset`.
+    """
+    total = 0.0
+    for i in range(len(dataset)):
+        total += float(dataset.sample(i).mask.mean())
+    return total / max(len(dataset), 1)
+
+
+def _baselines(sc: "Scale", plan) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Query-blind accuracy and uniform-mask correctness per ``group/variant/seed`` test set of the plan."""
     from .data import MultiDigitDataset
 
-    out = {}
+    acc, corr = {}, {}
     for group, variant, _, seed, task in plan:
         key = f"{group}/{variant}/{seed}"
-        if key not in out:
+        if key not in acc:
             ds = MultiDigitDataset(variant, "test", sc.n_test, task=task, size=sc.size, seed=seed,
                                    num_digits=tuple(sc.num_digits), scale_range=tuple(sc.scale_range))
-            out[key] = query_blind_accuracy(ds)
-    return out
+            acc[key] = query_blind_accuracy(ds)
+            corr[key] = uniform_mask_correctness(ds)
+    return acc, corr
 
 
 def _mean_sd(values: Sequence[float]) -> Tuple[float, float]:
@@ -276,6 +293,7 @@ def format_tables(results: dict) -> str:
         step = _mean_sd([r["sec_per_step"] for r in mbg])[0]
         lines.append(f"| {KIND_NAMES[kind]} | " + " | ".join(cells) + f" | {step:.3f} |")
     base = results.get("baselines") or {}
+    uniform = results.get("uniform_correctness") or {}
     if base:
         cells = [_cell([base[k] for k in base if k.startswith(f"table1/{v}/")]) for v in variants]
         lines.append("| query-blind | " + " | ".join(cells) + " | - |")
@@ -293,6 +311,10 @@ def format_tables(results: dict) -> str:
             per_layer = (f"{_layer_cell(runs)} | " if layered else "")
             lines.append(f"| {KIND_NAMES[kind]} | {corr} | {per_layer}"
                          + " | ".join(_cell([r[b] for r in runs]) for b in bins) + " |")
+        if uniform:
+            cell = _cell([uniform[k] for k in uniform if k.startswith("table1/mbg/")], pct=False)
+            lines.append(f"| uniform mask | {cell} | " + ("- | " if layered else "") + " | ".join("-" for _ in bins)
+                         + " |")
     if sc["inverse_kinds"]:
         layered = any("correctness_l1" in r for r in results["runs"] if r["group"] == "inverse")
         lines += ["", "**Inverse attribute prediction** (MBG, query a colour, answer the digit)", "",
@@ -307,9 +329,15 @@ def format_tables(results: dict) -> str:
         if base:
             lines.append(f"| query-blind | {_cell([base[k] for k in base if k.startswith('inverse/')])} | - |"
                          + (" - |" if layered else ""))
+        if uniform:
+            lines.append(f"| uniform mask | - | {_cell([uniform[k] for k in uniform if k.startswith('inverse/')], False)}"
+                         " |" + (" - |" if layered else ""))
     if base:
         lines += ["", "query-blind: the best expected accuracy without the query (the colour most digits "
                       "in the image share; for the inverse task any one of the digits), on the same test sets."]
+    if uniform:
+        lines += ["", "uniform mask: the correctness of a mask equal everywhere (the target digit's share of "
+                      "the image), the level attention starts from."]
     if any("correctness_l1" in r for r in results["runs"]):
         lines += ["", "correctness: the paper's metric, the share of the product of all layers' masks (upsampled) "
                       "inside the target digit; per layer: each layer's mask alone (means over seeds)."]
@@ -436,8 +464,7 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
                 record(tag, key, fut.result())
     results["wall_s"] = wall0 + time.perf_counter() - t_start
     # The level every model starts from, for reading the tables.
-    base = _baselines(sc, plan)
-    results["baselines"] = base
+    results["baselines"], results["uniform_correctness"] = _baselines(sc, plan)
     with open(json_path, "w") as f:
         json.dump(results, f, indent=1)
     with open(md_path, "w") as f:

@@ -1,6 +1,7 @@
 """The train / eval / show / demo / reproduce commands and the mmengine glue, on tiny configs."""
 
 import json
+import re
 import os
 
 import numpy as np
@@ -149,6 +150,9 @@ def test_reproduce_tiny_writes_tables_and_json(tmp_path, capsys):
     assert all(r["correctness_l1"] == pytest.approx(r["correctness"], abs=1e-6) for r in san)
     assert set(res["baselines"]) == {"table1/mref/0", "table1/mref/1", "table1/mbg/0", "table1/mbg/1",
                                      "inverse/mbg/0", "inverse/mbg/1"}
+    assert set(res["uniform_correctness"]) == set(res["baselines"])
+    assert all(0 < v < 1 for v in res["uniform_correctness"].values())
+    assert "| uniform mask |" in md
     assert "Table 1" in capsys.readouterr().out
     # A second call finds every run done and trains nothing.
     before = (out / "results.json").read_text()
@@ -168,7 +172,8 @@ def test_demo_trains_both_kinds_prints_table_writes_png(tmp_path, capsys):
     rows = [line for line in text.splitlines() if line.startswith(("ctx ", "arnn "))]
     assert len(rows) == 2 and all(row.count(" / ") == 3 for row in rows)
     assert "with 2-3 digits" in text  # the small reproduction's layout
-    assert "blind" in text
+    # The blind line carries the query-blind accuracy and the uniform-mask correctness.
+    assert re.search(r"^blind\s+\d+\.\d%\s+0\.\d{3}\s", text, re.M)
     assert set(res) == {"ctx", "arnn"} and all(r["sec_per_step"] > 0 for r in res.values())
     assert Image.open(out).size[0] > 32 * 2 * 9  # input + (4 layers + product) x 2 models
     assert (tmp_path / "wd" / "arnn" / "iter_2.pth").is_file()
@@ -308,6 +313,20 @@ def test_query_blind_accuracy_known_layouts():
     # With 2-3 digits per image it lies between 1/3 (three different colours) and 1.
     real = MultiDigitDataset("mref", "test", 8, size=32, seed=2, num_digits=(2, 3), scale_range=(1.0, 1.5))
     assert 1 / 3 <= query_blind_accuracy(real) <= 1
+
+
+def test_uniform_mask_correctness_is_what_a_flat_mask_scores():
+    from arnn_plugins.data import MultiDigitDataset
+    from arnn_plugins.experiments import uniform_mask_correctness
+    from arnn_plugins.models.pan import mask_correctness
+
+    ds = MultiDigitDataset("mbg", "test", 6, size=32, seed=1, num_digits=(2, 3), scale_range=(1.0, 1.5))
+    target = torch.stack([ds[i]["mask"] for i in range(len(ds))])
+    flat = [torch.full((6, 1, 4, 4), 0.3), torch.full((6, 1, 2, 2), 0.7)]
+    want = mask_correctness(flat, target).mean().item()
+    assert uniform_mask_correctness(ds) == pytest.approx(want, rel=1e-5)
+    assert uniform_mask_correctness(ds) == pytest.approx(target.float().mean().item(), rel=1e-5)
+    assert 0 < want < 0.5
 
 
 def test_pan_config_carries_digit_layout_and_readout():
