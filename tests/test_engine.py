@@ -1,8 +1,8 @@
 """The train / eval / show / demo / reproduce commands and the mmengine glue, on tiny configs."""
 
 import json
-import re
 import os
+import re
 
 import numpy as np
 import pytest
