@@ -456,12 +456,17 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
                     if sig not in seen:
                         seen.add(sig)
                         MultiDigitTensors(**d)
+        from tqdm.auto import tqdm
+
         threads = torch.get_num_threads()
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        # Workers train without their own bars (they would overwrite each other): one bar over runs here.
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool, \
+                tqdm(total=len(configs), desc=f"reproduce {scale}", unit="run", disable=not progress) as bar:
             futures = {pool.submit(_run_job, cfg.to_dict(), device, threads): (tag, key) for tag, key, cfg in configs}
             for fut in cf.as_completed(futures):
                 tag, key = futures[fut]
                 record(tag, key, fut.result())
+                bar.update()
     results["wall_s"] = wall0 + time.perf_counter() - t_start
     # The level every model starts from, for reading the tables.
     results["baselines"], results["uniform_correctness"] = _baselines(sc, plan)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +22,16 @@ def test_list_shows_layers_backends_and_adapters(capsys):
         assert word in out
 
 
-def test_console_script_entry_point():
-    r = subprocess.run([sys.executable, "-m", "arnn_plugins.cli", "list"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "adapters:" in r.stdout
+def test_console_script_is_installed(tmp_path):
+    # The script pip wrote next to this interpreter, run outside the checkout: the installed package answers,
+    # subpackages mapped from adapters/ and patches/ included.
+    exe = Path(sys.executable).with_name("arnn-plugins")
+    assert exe.is_file(), f"{exe} missing: the package is not installed in this environment"
+    r = subprocess.run([str(exe), "list"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "adapters:" in r.stdout and "timm_cbam" in r.stdout
+    r = subprocess.run([sys.executable, "-c", "import arnn_plugins.adapters.timm_cbam, arnn_plugins.patches.timm"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
 
 
 def test_unknown_command_exits_2():
