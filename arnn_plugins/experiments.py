@@ -425,11 +425,11 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
         )
         configs.append((tag, (group, variant, kind, seed), cfg))
 
-    def record(tag, key, metrics):
+    def record(tag, key, metrics, say=log):
         group, variant, kind, seed = key
         results["runs"].append(dict(group=group, variant=variant, kind=kind, seed=seed, **metrics))
         results["wall_s"] = wall0 + time.perf_counter() - t_start
-        log(f"{tag}: accuracy {100 * metrics['accuracy']:.1f}%  correctness {metrics['correctness']:.3f}  "
+        say(f"{tag}: accuracy {100 * metrics['accuracy']:.1f}%  correctness {metrics['correctness']:.3f}  "
             f"{metrics['sec_per_step']:.3f} s/step")
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
@@ -465,7 +465,8 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
             futures = {pool.submit(_run_job, cfg.to_dict(), device, threads): (tag, key) for tag, key, cfg in configs}
             for fut in cf.as_completed(futures):
                 tag, key = futures[fut]
-                record(tag, key, fut.result())
+                # Printed above the bar rather than through it.
+                record(tag, key, fut.result(), say=bar.write if progress and log is print else log)
                 bar.update()
     results["wall_s"] = wall0 + time.perf_counter() - t_start
     # The level every model starts from, for reading the tables.
