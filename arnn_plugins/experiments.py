@@ -367,9 +367,13 @@ def _run_job(cfg_dict: dict, device: Optional[str], threads: int) -> dict:
     return run_pan(Config(cfg_dict), device=device)[0]
 
 
+# Fields that only choose which runs make up the tables; every other field changes what a run is.
+_PLAN_FIELDS = ("note", "seeds", "variants", "kinds", "inverse_kinds")
+
+
 def _settings(scale: dict) -> dict:
-    # Compared as JSON gives them back (tuples as lists), without the free-text note.
-    return {k: v for k, v in json.loads(json.dumps(scale)).items() if k != "note"}
+    # Compared as JSON gives them back (tuples as lists).
+    return {k: v for k, v in json.loads(json.dumps(scale)).items() if k not in _PLAN_FIELDS}
 
 
 def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", device: Optional[str] = None,
@@ -379,8 +383,10 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
 
     ``scale`` is a name in :data:`SCALES` or a :class:`Scale` of one's own
     (e.g. ``dataclasses.replace(SCALES["small"], iters=4000)``). Runs
-    already in ``out/results.json`` with the same settings are kept, so an
-    interrupted reproduction continues where it stopped. ``jobs > 1`` trains
+    already in ``out/results.json`` that were trained with the same sizes
+    and belong to this plan are kept, so an interrupted reproduction
+    continues where it stopped and more seeds or kinds train only the new
+    runs; other sizes (iterations, data, model) start afresh. ``jobs > 1`` trains
     that many models at once in worker processes (each with this process's
     torch thread count); the data sets are generated first, here.
 
@@ -400,15 +406,17 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
     os.makedirs(out, exist_ok=True)
     json_path, md_path = osp.join(out, "results.json"), osp.join(out, "results.md")
     results = {"scale_name": scale, "scale": asdict(sc), "runs": [], "machine": _machine(), "wall_s": 0.0}
+    plan = [("table1", v, k, s, "color") for v in sc.variants for s in sc.seeds for k in sc.kinds]
+    plan += [("inverse", "mbg", k, s, "digit") for s in sc.seeds for k in sc.inverse_kinds]
     if osp.isfile(json_path):
         with open(json_path) as f:
             old = json.load(f)
         if _settings(old.get("scale", {})) == _settings(asdict(sc)):
-            results["runs"] = old.get("runs", [])
+            wanted = {j[:4] for j in plan}
+            results["runs"] = [r for r in old.get("runs", [])
+                               if (r["group"], r["variant"], r["kind"], r["seed"]) in wanted]
             results["wall_s"] = old.get("wall_s", 0.0)
     done = {(r["group"], r["variant"], r["kind"], r["seed"]) for r in results["runs"]}
-    plan = [("table1", v, k, s, "color") for v in sc.variants for s in sc.seeds for k in sc.kinds]
-    plan += [("inverse", "mbg", k, s, "digit") for s in sc.seeds for k in sc.inverse_kinds]
     todo = [j for j in plan if j[:4] not in done]
     t_start = time.perf_counter()
     wall0 = results["wall_s"]

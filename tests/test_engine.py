@@ -273,10 +273,20 @@ def test_reproduce_full_layout_runs_on_a_custom_scale(tmp_path):
             "correctness_l1", "correctness_l2", "correctness_l3", "correctness_l4"]  # 50, 25, 12, 6 px maps
     md = (tmp_path / "results.md").read_text()
     assert "100 px images with 5-9 digits at scales 0.5-3" in md and "readout `flatten`" in md
-    # Other settings in the same folder start afresh instead of mixing runs.
-    res2 = reproduce(replace(sc, kinds=("ctx",), variants=("mbg",), inverse_kinds=()), out=str(tmp_path),
-                     progress=False, log=lambda s: None, cache_dir=None)
-    assert [(r["variant"], r["kind"]) for r in res2["runs"]] == [("mbg", "ctx")]
+    # A larger plan on the same sizes trains only the new runs; the old ones come back as they were.
+    trained = []
+    more = replace(sc, seeds=(0, 1), inverse_kinds=())
+    res2 = reproduce(more, out=str(tmp_path), progress=False, log=trained.append, cache_dir=None)
+    assert len(trained) == 3 and all("seed 1" in line for line in trained)
+    keep = [r for r in res["runs"] if r["group"] == "table1"]
+    assert [r for r in res2["runs"] if r["seed"] == 0] == keep
+    assert sorted((r["variant"], r["seed"]) for r in res2["runs"]) == [
+        (v, s) for v in ("mbg", "mdist", "mref") for s in (0, 1)]
+    # Other sizes in the same folder start afresh instead of mixing runs.
+    trained.clear()
+    res3 = reproduce(replace(more, iters=2, seeds=(0,), variants=("mbg",)), out=str(tmp_path), progress=False,
+                     log=trained.append, cache_dir=None)
+    assert len(trained) == 1 and [(r["variant"], r["iters"]) for r in res3["runs"]] == [("mbg", 2)]
     with pytest.raises(ValueError, match="reproduce: scale must be one of"):
         reproduce("huge", out=str(tmp_path))
 
