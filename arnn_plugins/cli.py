@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reproduce", help="the paper's Table 1, Table 2 and inverse experiment (markdown + JSON)")
     s.add_argument("--scale", default="small", choices=list(SCALES),
                    help="tiny: seconds (plumbing); small: about an hour on 2 CPU cores; long: MBG only, "
-                        "2500 iterations, about an hour; full: paper sizes, GPU")
+                        "2500 iterations, three seeds, about 90 minutes; full: paper sizes, GPU")
     s.add_argument("--tiny", dest="scale", action="store_const", const="tiny", help="same as --scale tiny")
     s.add_argument("--out", default="arnn_reproduce", help="folder for results.md, results.json and runs/")
     s.add_argument("--device", default=None)
