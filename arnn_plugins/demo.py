@@ -175,7 +175,7 @@ def run_outline_demo(out: str = "arnn_demo.png", seconds: float = 30.0, size: in
 
 _LAYOUT = dict(num_digits=(2, 3), scale_range=(1.5, 3.0), readout="pool")  # as the small reproduction
 DEMO_SETTINGS = {
-    # 9-12 minutes on two CPU cores (ARNN's steps take most of it):
+    # 8-12 minutes on two CPU cores (ARNN's steps take most of it):
     # fewer steps leave both models at the query-blind level.
     "default": dict(size=48, n_train=20000, n_test=500, iters=2000, batch=32, **_LAYOUT),
     # About a minute.

@@ -368,13 +368,17 @@ def _run_job(cfg_dict: dict, device: Optional[str], threads: int) -> dict:
     return run_pan(Config(cfg_dict), device=device)[0]
 
 
-# Fields that only choose which runs make up the tables; every other field changes what a run is.
+# Fields that do not change what a run is: the free-text note, and those that choose which runs make up the tables.
 _PLAN_FIELDS = ("note", "seeds", "variants", "kinds", "inverse_kinds")
 
 
 def _settings(scale: dict) -> dict:
     # Compared as JSON gives them back (tuples as lists).
     return {k: v for k, v in json.loads(json.dumps(scale)).items() if k not in _PLAN_FIELDS}
+
+
+def _run_key(run: dict) -> Tuple[str, str, str, int]:
+    return run["group"], run["variant"], run["kind"], run["seed"]
 
 
 def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", device: Optional[str] = None,
@@ -414,10 +418,9 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
             old = json.load(f)
         if _settings(old.get("scale", {})) == _settings(asdict(sc)):
             wanted = {j[:4] for j in plan}
-            results["runs"] = [r for r in old.get("runs", [])
-                               if (r["group"], r["variant"], r["kind"], r["seed"]) in wanted]
+            results["runs"] = [r for r in old.get("runs", []) if _run_key(r) in wanted]
             results["wall_s"] = old.get("wall_s", 0.0)
-    done = {(r["group"], r["variant"], r["kind"], r["seed"]) for r in results["runs"]}
+    done = {_run_key(r) for r in results["runs"]}
     todo = [j for j in plan if j[:4] not in done]
     t_start = time.perf_counter()
     wall0 = results["wall_s"]
@@ -434,11 +437,11 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
         )
         configs.append((tag, (group, variant, kind, seed), cfg))
 
-    def record(tag, key, metrics, say=log):
+    def record(tag, key, metrics):
         group, variant, kind, seed = key
         results["runs"].append(dict(group=group, variant=variant, kind=kind, seed=seed, **metrics))
         results["wall_s"] = wall0 + time.perf_counter() - t_start
-        say(f"{tag}: accuracy {100 * metrics['accuracy']:.1f}%  correctness {metrics['correctness']:.3f}  "
+        log(f"{tag}: accuracy {100 * metrics['accuracy']:.1f}%  correctness {metrics['correctness']:.3f}  "
             f"{metrics['sec_per_step']:.3f} s/step")
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
@@ -474,8 +477,8 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
             futures = {pool.submit(_run_job, cfg.to_dict(), device, threads): (tag, key) for tag, key, cfg in configs}
             for fut in cf.as_completed(futures):
                 tag, key = futures[fut]
-                # Printed above the bar rather than through it.
-                record(tag, key, fut.result(), say=bar.write if progress and log is print else log)
+                with bar.external_write_mode():  # the run's line goes above the bar, not through it
+                    record(tag, key, fut.result())
                 bar.update()
     results["wall_s"] = wall0 + time.perf_counter() - t_start
     # The level every model starts from, for reading the tables.
