@@ -8,7 +8,10 @@ from typing import FrozenSet, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-__all__ = ["StagesArg", "parse_stages", "stage_of", "loaded_classes", "is_instance_of_loaded", "ALL_STAGES"]
+from arnn_plugins.gate import ARNNGate
+
+__all__ = ["StagesArg", "parse_stages", "stage_of", "stage_gate", "loaded_classes", "is_instance_of_loaded",
+           "ALL_STAGES"]
 
 StagesArg = Union[None, str, int, Sequence[int], Sequence[bool]]
 ALL_STAGES = "all"
@@ -81,3 +84,16 @@ def is_instance_of_loaded(module: nn.Module, module_name: str, class_names: Sequ
     """``isinstance(module, <those classes>)`` without importing ``module_name``."""
     classes = loaded_classes(module_name, class_names)
     return bool(classes) and isinstance(module, classes)
+
+
+def stage_gate(adapter: str, name: str, stages: StagesArg, pattern: str, channels: int, offset: int = 0,
+               **arnn_kwargs) -> Optional[ARNNGate]:
+    """An :class:`~arnn_plugins.ARNNGate` over ``channels`` for the block ``name``, or ``None`` if its stage is left out.
+
+    ``pattern`` and ``offset`` find the block's stage in its name (see
+    :func:`stage_of`); ``arnn_kwargs`` go to the gate.
+    """
+    chosen = parse_stages(stages, adapter)
+    if chosen is not None and stage_of(name, pattern, offset) not in chosen:
+        return None
+    return ARNNGate(channels, **arnn_kwargs)

@@ -40,10 +40,9 @@ import importlib.util
 
 import torch.nn as nn
 
-from arnn_plugins.gate import ARNNGate
 from arnn_plugins.registry import register_adapter
 
-from ._stages import StagesArg, is_instance_of_loaded, parse_stages, stage_of
+from ._stages import StagesArg, is_instance_of_loaded, stage_gate
 
 if importlib.util.find_spec("transformers") is None:  # the registry skips hosts that are not installed
     raise ImportError("transformers is not installed")
@@ -104,27 +103,20 @@ def convnext_layer_out_channels(layer: nn.Module) -> int:
     return conv.out_channels
 
 
-def _selected(name: str, stages: StagesArg, adapter: str) -> bool:
-    chosen = parse_stages(stages, adapter)
-    return chosen is None or stage_of(name, _STAGE_PATTERN, offset=1) in chosen
-
-
 def build_resnet(layer: nn.Module, name: str = "", stages: StagesArg = DEFAULT_STAGES, **arnn_kwargs):
     """Gate for a ResNet layer with output ``(B, C, H, W)``, or ``None`` if its stage is left out.
 
     ``arnn_kwargs`` go to :class:`~arnn_plugins.ARNNGate` (e.g.
     ``hidden_channels``, ``block_size``).
     """
-    if not _selected(name, stages, RESNET_ADAPTER):
-        return None
-    return ARNNGate(resnet_layer_out_channels(layer), **arnn_kwargs)
+    return stage_gate(RESNET_ADAPTER, name, stages, _STAGE_PATTERN, resnet_layer_out_channels(layer), 1,
+                      **arnn_kwargs)
 
 
 def build_convnext(layer: nn.Module, name: str = "", stages: StagesArg = DEFAULT_STAGES, **arnn_kwargs):
     """Gate for a ConvNeXt layer with output ``(B, C, H, W)``, or ``None`` if its stage is left out."""
-    if not _selected(name, stages, CONVNEXT_ADAPTER):
-        return None
-    return ARNNGate(convnext_layer_out_channels(layer), **arnn_kwargs)
+    return stage_gate(CONVNEXT_ADAPTER, name, stages, _STAGE_PATTERN, convnext_layer_out_channels(layer), 1,
+                      **arnn_kwargs)
 
 
 register_adapter(

@@ -32,17 +32,10 @@ from __future__ import annotations
 
 from mmengine.registry import MODELS
 
+from arnn_plugins.checks import check_int
 from arnn_plugins.gate import ARNNGate, zero_init_attention
 
 __all__ = ["AttentionRNNPlugin", "BlockAttentionRNNPlugin", "register_plugins"]
-
-
-def _check_in_channels(layer: str, in_channels) -> None:
-    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-        raise ValueError(
-            f"{layer} plugin: in_channels must be a positive int (the C of the (B, C, H, W) features it gates), "
-            f"got {in_channels!r}"
-        )
 
 
 def _plugin_arnn_kwargs(layer: str, arnn_kwargs: dict) -> dict:
@@ -96,7 +89,7 @@ class AttentionRNNPlugin(_PluginGate):
     _abbr_ = "arnn"
 
     def __init__(self, in_channels: int, **arnn_kwargs) -> None:
-        _check_in_channels("AttentionRNN", in_channels)
+        check_int("AttentionRNN plugin", "in_channels", in_channels)
         if "block_size" in arnn_kwargs:
             raise TypeError("AttentionRNN plugin: no block_size option; use type='BlockAttentionRNN' for blocks")
         super().__init__(in_channels, **_plugin_arnn_kwargs("AttentionRNN", arnn_kwargs))
@@ -120,9 +113,8 @@ class BlockAttentionRNNPlugin(_PluginGate):
     _abbr_ = "brnn"
 
     def __init__(self, in_channels: int, block_size: int = 2, **arnn_kwargs) -> None:
-        _check_in_channels("BlockAttentionRNN", in_channels)
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"BlockAttentionRNN plugin: block_size must be a positive int, got {block_size!r}")
+        check_int("BlockAttentionRNN plugin", "in_channels", in_channels)
+        check_int("BlockAttentionRNN plugin", "block_size", block_size)
         super().__init__(
             in_channels, block_size=block_size, **_plugin_arnn_kwargs("BlockAttentionRNN", arnn_kwargs)
         )

@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 
 from ..arnn import AttentionRNN
+from ..checks import check_image
 from ..gate import zero_init_attention
-from ..models.modular_gan import LocalMask, _check_image
+from ..models.modular_gan import LocalMask
 from ..registry import register_adapter
 
 __all__ = ["ARNNMask"]
@@ -72,7 +73,7 @@ class ARNNMask(nn.Module):
 
     def logits(self, t: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, 1, H, W)`` mask logits."""
-        _check_image("ARNNMask", t, self.in_channels, "features")
+        check_image("ARNNMask", t, self.in_channels, "features")
         a = self.arnn(t)
         if self.residual:
             prior = self.conv(t)

@@ -49,8 +49,9 @@ from timm.layers.cbam import (
 )
 
 from ..arnn import AttentionRNN, BlockAttentionRNN, check_input
-from ..gate import ARNNGate, zero_init_attention
-from ..registry import SWAP_MODES, register_adapter
+from ..checks import check_swap_mode
+from ..gate import ARNNGate, create_attention, zero_init_attention
+from ..registry import register_adapter
 
 __all__ = [
     "ARNNSpatialAttn",
@@ -62,19 +63,6 @@ __all__ = [
 ]
 
 _GateLayer = Union[str, Type[nn.Module]]
-
-
-def _check_mode(layer: str, mode: str) -> None:
-    if mode not in SWAP_MODES:
-        raise ValueError(f"{layer}: mode must be one of {SWAP_MODES}, got {mode!r}")
-
-
-def _build_arnn(layer: str, channels: int, block_size: int, **arnn_kwargs) -> nn.Module:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"{layer}: block_size must be a positive int, got {block_size!r}")
-    if block_size > 1:
-        return BlockAttentionRNN(channels, block_size=block_size, **arnn_kwargs)
-    return AttentionRNN(channels, **arnn_kwargs)
 
 
 def reset_arnn_parameters(layer: nn.Module, zero_output: bool) -> None:
@@ -137,7 +125,7 @@ class ARNNSpatialAttn(nn.Module):
         **arnn_kwargs,
     ) -> None:
         super().__init__()
-        _check_mode("ARNNSpatialAttn", mode)
+        check_swap_mode("ARNNSpatialAttn", mode)
         if mode == "replace" and conv is not None:
             raise ValueError("ARNNSpatialAttn: mode='replace' has no prior conv; do not pass conv")
         self.channels = channels
@@ -148,7 +136,7 @@ class ARNNSpatialAttn(nn.Module):
             conv = ConvNormAct(1 if light else 2, 1, kernel_size, apply_act=False)
         self.conv = conv
         self.gate = gate if gate is not None else create_act_layer(gate_layer)
-        self.arnn = _build_arnn("ARNNSpatialAttn", channels, block_size, **arnn_kwargs)
+        self.arnn = create_attention(channels, block_size, "ARNNSpatialAttn", **arnn_kwargs)
         if mode == "residual":
             zero_init_attention(self.arnn)
         if device is not None or dtype is not None:
@@ -168,7 +156,7 @@ class ARNNSpatialAttn(nn.Module):
                 f"ARNNSpatialAttn.from_cbam_spatial: expected timm SpatialAttn or LightSpatialAttn, "
                 f"got {type(spatial).__name__}"
             )
-        _check_mode("ARNNSpatialAttn", mode)
+        check_swap_mode("ARNNSpatialAttn", mode)
         ref = next(spatial.parameters(), None)
         new = cls(
             channels,

@@ -34,7 +34,7 @@ import torch.nn as nn
 from arnn_plugins.gate import ARNNGate
 from arnn_plugins.registry import register_adapter
 
-from ._stages import StagesArg, is_instance_of_loaded, parse_stages, stage_of
+from ._stages import StagesArg, is_instance_of_loaded, stage_gate
 
 if importlib.util.find_spec("torchvision") is None:  # the registry skips hosts that are not installed
     raise ImportError("torchvision is not installed")
@@ -76,10 +76,7 @@ def build(block: nn.Module, name: str = "", stages: StagesArg = DEFAULT_STAGES, 
             :class:`~arnn_plugins.AttentionRNN` (e.g. ``hidden_channels``,
             ``block_size``).
     """
-    selected = parse_stages(stages, ADAPTER_NAME)
-    if selected is not None and stage_of(name, r"layer(\d+)") not in selected:
-        return None
-    return ARNNGate(block_out_channels(block), **arnn_kwargs)
+    return stage_gate(ADAPTER_NAME, name, stages, r"layer(\d+)", block_out_channels(block), **arnn_kwargs)
 
 
 register_adapter(

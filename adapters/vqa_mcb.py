@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..arnn import AttentionRNN
 from ..gate import zero_init_attention
-from ..models.mcb import MCBGlimpseAttention, _local_glimpse_logits, check_glimpse_input, spatial_softmax
+from ..models.mcb import MCBGlimpseAttention, check_glimpse_input, local_glimpse_logits, spatial_softmax
 from ..registry import register_adapter
 
 __all__ = ["ARNNGlimpseAttention"]
@@ -102,7 +102,7 @@ class ARNNGlimpseAttention(nn.Module):
         check_glimpse_input("ARNNGlimpseAttention", x, q, self.img_channels, self.query_channels)
         a = torch.cat([layer(x, q) for layer in self.arnn], dim=1)
         if self.residual:
-            prior = _local_glimpse_logits(self.mcb, self.conv1, self.conv2, self.dropout, self.training, x, q)
+            prior = local_glimpse_logits(self.mcb, self.conv1, self.conv2, self.dropout, self.training, x, q)
             a = prior + a.to(prior.dtype)
         return a
 

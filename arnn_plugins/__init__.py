@@ -10,10 +10,8 @@ from .registry import (
     remove_attention,
     swap_attention,
 )
-from .scan import available_backends, diagonal_lstm
+from .ops import available_backends, diagonal_lstm
 from . import finetune  # noqa: F401  (ap.finetune.load_pretrained, param_groups, ...)
-from . import fused_scan as _fused_scan  # noqa: F401  (registers backend="fused")
-from . import triton_scan as _triton_scan  # noqa: F401  (registers backend="triton" when triton imports)
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ The whole layer, in order:
    with an optional query projected and broadcast over space, concatenated;
 2. input part of the LSTM gates for both directions in one grouped 1x1 conv
    (``K_x``; it commutes with skewing and mirroring, so it runs on the image);
-3. two diagonal LSTMs (:func:`arnn_plugins.scan.diagonal_lstm`): left-to-right
+3. two diagonal LSTMs (:func:`arnn_plugins.ops.diagonal_lstm`): left-to-right
    on the image (top-left quadrant) and on the mirrored image (top-right),
    the second mirrored back and shifted down one row;
 4. per-direction Gaussian heads ``(mu, sigma)``, ``sigma > 0``;
@@ -23,12 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scan import BACKENDS, available_backends, diagonal_lstm
+from .checks import check_choice, check_image, check_int, check_odd_kernel, check_query
+from .ops import ScanFn, check_backend, diagonal_lstm
 
 __all__ = ["AttentionRNN", "BlockAttentionRNN", "ARNNStats", "COMBINE_MODES"]
 
 COMBINE_MODES = ("learned", "independent")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class ARNNStats(NamedTuple):
@@ -61,31 +61,9 @@ def product_of_gaussians(mu_l, sigma_l, mu_r, sigma_r):
 
 
 def check_input(layer: str, x, in_channels: int, query=None, query_channels: int = 0) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``layer`` for a bad ``x`` or ``query``."""
-    expect = f"(B, {in_channels}, H, W)"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{layer}: expected input a torch.Tensor of shape {expect}, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{layer}: expected a floating point input of shape {expect}, got dtype {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"{layer}: expected a 4-D input of shape {expect}, got shape {tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            f"{layer}: expected input of shape {expect} ({in_channels} channels), got shape {tuple(x.shape)}"
-        )
-    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{layer}: expected a non-empty input of shape {expect}, got shape {tuple(x.shape)}")
-    if query_channels == 0:
-        if query is not None:
-            raise ValueError(f"{layer}: got a query but the layer was built with query_channels=0")
-        return
-    qexpect = f"({x.shape[0]}, {query_channels})"
-    if query is None:
-        raise ValueError(f"{layer}: a query of shape {qexpect} is required (query_channels={query_channels})")
-    if not isinstance(query, torch.Tensor) or query.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{layer}: expected a floating point query tensor of shape {qexpect}")
-    if query.dim() != 2 or query.shape[0] != x.shape[0] or query.shape[1] != query_channels:
-        raise ValueError(f"{layer}: expected query of shape {qexpect}, got shape {tuple(query.shape)}")
+    """Raise ``TypeError``/``ValueError`` naming ``layer`` for a bad ``x`` ``(B, C, H, W)`` or ``query`` ``(B, Q)``."""
+    check_image(layer, x, in_channels)
+    check_query(layer, query, x.shape[0], query_channels)
 
 
 class AttentionRNN(nn.Module):
@@ -110,7 +88,8 @@ class AttentionRNN(nn.Module):
             ``a[i, j]`` sees only the raster-scan past. With ``shift=False``
             it sees every row above and the whole of row ``i``.
         backend: recurrence backend, one of ``"auto"``, ``"reference"``,
-            ``"fused"``, ``"triton"``.
+            ``"fused"``, ``"triton"`` (or another registered name), or a
+            callable ``fn(gx, weight_hh) -> h`` (see :func:`arnn_plugins.ops.diagonal_lstm`).
         combine_hidden: width of the learned combination network.
         min_sigma: floor added to every predicted standard deviation.
 
@@ -131,26 +110,20 @@ class AttentionRNN(nn.Module):
         combine: str = "learned",
         sample: bool = False,
         shift: bool = True,
-        backend: str = "auto",
+        backend: str | ScanFn = "auto",
         combine_hidden: int = 16,
         min_sigma: float = 1e-3,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"AttentionRNN: {name} must be a positive int, got {value!r}")
-        if not isinstance(query_channels, int) or isinstance(query_channels, bool) or query_channels < 0:
-            raise ValueError(f"AttentionRNN: query_channels must be an int >= 0, got {query_channels!r}")
-        if context_net is None and (
-            not isinstance(context_kernel, int) or context_kernel < 1 or context_kernel % 2 == 0
-        ):
-            raise ValueError(f"AttentionRNN: context_kernel must be an odd int >= 1, got {context_kernel!r}")
-        if context_net is not None and not isinstance(context_net, nn.Module):
+        check_int("AttentionRNN", "in_channels", in_channels)
+        check_int("AttentionRNN", "hidden_channels", hidden_channels)
+        check_int("AttentionRNN", "query_channels", query_channels, minimum=0)
+        if context_net is None:
+            check_odd_kernel("AttentionRNN", "context_kernel", context_kernel)
+        elif not isinstance(context_net, nn.Module):
             raise TypeError(f"AttentionRNN: context_net must be an nn.Module, got {type(context_net).__name__}")
-        if combine not in COMBINE_MODES:
-            raise ValueError(f"AttentionRNN: combine must be one of {COMBINE_MODES}, got {combine!r}")
-        if backend not in BACKENDS and backend not in available_backends():
-            raise ValueError(f"AttentionRNN: backend must be one of {BACKENDS}, got {backend!r}")
+        check_choice("AttentionRNN", "combine", combine, COMBINE_MODES)
+        check_backend("AttentionRNN", backend)
         if min_sigma <= 0:
             raise ValueError(f"AttentionRNN: min_sigma must be > 0, got {min_sigma!r}")
 
@@ -212,7 +185,10 @@ class AttentionRNN(nn.Module):
             s += f", context_channels={self.context_channels}"
         if self.query_channels:
             s += f", query_channels={self.query_channels}"
-        s += f", combine={self.combine!r}, sample={self.sample}, shift={self.shift}, backend={self.backend!r}"
+        # A callable backend by its name: its repr holds a memory address.
+        backend = getattr(self.backend, "__name__", None) if callable(self.backend) else None
+        backend = backend or repr(self.backend)
+        s += f", combine={self.combine!r}, sample={self.sample}, shift={self.shift}, backend={backend}"
         return s
 
     def forward(
@@ -284,8 +260,7 @@ class BlockAttentionRNN(nn.Module):
 
     def __init__(self, in_channels: int, block_size: int = 2, **arnn_kwargs) -> None:
         super().__init__()
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"BlockAttentionRNN: block_size must be a positive int, got {block_size!r}")
+        check_int("BlockAttentionRNN", "block_size", block_size)
         self.in_channels = in_channels
         self.block_size = block_size
         self.arnn = AttentionRNN(in_channels, **arnn_kwargs)

@@ -13,23 +13,25 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .checks import check_device
+
 __all__ = ["main"]
 
 
 def _cmd_list(args) -> int:
-    from . import arnn, scan
+    from . import arnn, ops
     from .registry import get_adapter, list_adapters
 
     print("layers:   AttentionRNN, BlockAttentionRNN, ARNNGate")
     print(f"combine:  {', '.join(arnn.COMBINE_MODES)}  (sample=True for ARNN~)")
     import torch
 
-    from .triton_scan import triton_scan_supported
+    from .ops.triton_scan import triton_scan_supported
 
     here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = [n if n != "triton" or triton_scan_supported(here) else "triton (needs CUDA)"
-             for n in scan.available_backends()]
-    print(f"backends: {', '.join(names)}  (auto here: {scan.resolve_backend('auto', here)})")
+             for n in ops.available_backends()]
+    print(f"backends: {', '.join(names)}  (auto here: {ops.resolve_backend('auto', here)})")
     print("adapters:")
     for name in list_adapters():
         a = get_adapter(name)
@@ -47,81 +49,49 @@ def _set_threads(n) -> None:
 
 
 def _cmd_demo(args) -> int:
-    _check_device(args.device)
+    check_device(args.device)
     _set_threads(args.threads)
     if args.outline:
-        from .demo import run_outline_demo
+        from .experiments.outline import run_outline_demo
 
         run_outline_demo(out=args.out, seconds=args.seconds)
         return 0
-    from .demo import run_pan_demo
+    from .experiments.demo import run_pan_demo
 
     run_pan_demo(quick=args.quick, out=args.out, work_dir=args.work_dir, device=args.device,
                  progress=not args.no_progress)
     return 0
 
 
-def _check_device(device) -> None:
-    if device and device.startswith("cuda"):
-        import torch
+def _runner(args, **kw):
+    from .engine.runner import prepare_runner
 
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but no CUDA device is available")
-    elif device not in (None, "cpu"):
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
-
-
-def _load(args):
-    from .engine import load_config
-
-    _check_device(args.device)
+    check_device(args.device)
     _set_threads(getattr(args, "threads", None))
-    return load_config(args.config, args.cfg_options)
-
-
-def _runner(cfg, args, **kw):
-    from .engine import build_runner
-
-    try:
-        return build_runner(cfg, work_dir=args.work_dir, device=args.device, **kw)
-    except KeyError as e:  # mmengine's registries say "X is not in the Y registry"
-        raise ValueError(f"bad config {args.config}: {e.args[0] if e.args else e}") from e
+    return prepare_runner(args.config, args.cfg_options, work_dir=args.work_dir, device=args.device, **kw)
 
 
 def _cmd_train(args) -> int:
-    from .engine import checkpoint_loading
+    from .engine.runner import checkpoint_loading, last_checkpoint
 
-    cfg = _load(args)
-    runner = _runner(cfg, args, amp=args.amp, resume=args.resume)
+    runner = _runner(args, amp=args.amp, resume=args.resume)
     with checkpoint_loading():
         runner.train()
-    ckpt = _last_checkpoint(runner.work_dir)
-    print(f"trained to iteration {runner.iter} (epoch {runner.epoch}); checkpoint: {ckpt}")
+    print(f"trained to iteration {runner.iter} (epoch {runner.epoch}); checkpoint: {last_checkpoint(runner.work_dir)}")
     return 0
-
-
-def _last_checkpoint(work_dir: str):
-    import os
-
-    path = os.path.join(work_dir, "last_checkpoint")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return f.read().strip()
-    return None
 
 
 def _cmd_eval(args) -> int:
     import json
     import os
 
-    from .engine import checkpoint_loading
+    from .engine.runner import checkpoint_loading
 
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    cfg = _load(args)
-    runner = _runner(cfg, args, load_from=args.checkpoint)
+    runner = _runner(args, load_from=args.checkpoint)
     with checkpoint_loading():
-        metrics = runner.test() if args.test or not cfg.get("val_dataloader") else runner.val()
+        metrics = runner.test() if args.test or runner.val_loop is None else runner.val()
     metrics = {k: float(v) for k, v in metrics.items()}
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
@@ -132,32 +102,22 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    import os
-
     import torch
-    from mmengine.registry import DATASETS, MODELS
-    from mmengine.runner import load_checkpoint
+    from mmengine.registry import DATASETS
 
-    from .demo import mask_panel_png, pan_masks
-    from .engine import checkpoint_loading, load_config
+    from .engine.runner import build_model, load_config
+    from .experiments.pictures import mask_panel_png, pan_masks
 
     if len(args.pairs) % 2:
         raise ValueError("show: give CONFIG CHECKPOINT pairs (one pair per model)")
-    _check_device(args.device)
+    check_device(args.device)
     pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
     panels, data, task = {}, None, "color"
     for config, ckpt in pairs:
-        if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
         cfg = load_config(config, args.cfg_options)
         if cfg.model.get("type") != "PANModel":
             raise ValueError(f"show: {config} is not a PAN config (model type {cfg.model.get('type')!r})")
-        try:
-            model = MODELS.build(cfg.model)
-        except KeyError as e:
-            raise ValueError(f"bad config {config}: {e.args[0] if e.args else e}") from e
-        with checkpoint_loading():
-            load_checkpoint(model, ckpt, map_location="cpu", logger="silent")
+        model = build_model(cfg, ckpt, device=args.device)
         if data is None:
             loader = cfg.get(f"{args.split}_dataloader")
             if not loader:
@@ -178,13 +138,13 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from .experiments import reproduce
-
-    _check_device(args.device)
-    _set_threads(args.threads)
-    res = reproduce(args.scale, out=args.out, device=args.device, progress=not args.no_progress, jobs=args.jobs)
     import os
 
+    from .experiments.reproduce import reproduce
+
+    check_device(args.device)
+    _set_threads(args.threads)
+    res = reproduce(args.scale, out=args.out, device=args.device, progress=not args.no_progress, jobs=args.jobs)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"written {os.path.join(args.out, 'results.md')} and results.json ({len(res['runs'])} runs)")
@@ -192,7 +152,7 @@ def _cmd_reproduce(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import run
+    from .experiments.bench import run
 
     if args.device.startswith("cuda"):
         import torch
@@ -230,7 +190,7 @@ THREADS_HELP = ("CPU threads for torch (default 1: ARNN's scan is many small ops
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``arnn-plugins``."""
-    from .experiments import SCALES
+    from .experiments.recipes import SCALES
 
     p = argparse.ArgumentParser(prog="arnn-plugins", description="AttentionRNN plugins for model zoos")
     sub = p.add_subparsers(dest="command", required=True)
@@ -280,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", choices=["train", "val", "test"])
     s.add_argument("--scale", type=int, default=2, help="pixels per image pixel")
     s.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, metavar="KEY=VALUE")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default=None, help="cpu or cuda: where the models run (default cpu)")
     s.set_defaults(fn=_cmd_show)
 
     s = sub.add_parser("reproduce", help="the paper's Table 1, Table 2 and inverse experiment (markdown + JSON)")

@@ -8,8 +8,21 @@ import torch
 import torch.nn as nn
 
 from .arnn import AttentionRNN, BlockAttentionRNN
+from .checks import check_int
 
-__all__ = ["ARNNGate", "zero_init_attention"]
+__all__ = ["ARNNGate", "create_attention", "zero_init_attention"]
+
+
+def create_attention(in_channels: int, block_size: int = 1, layer: str = "create_attention", **arnn_kwargs) -> nn.Module:
+    """:class:`AttentionRNN`, or :class:`BlockAttentionRNN` when ``block_size > 1``.
+
+    ``layer`` names the caller in the error for a bad ``block_size``.
+    Both map ``(B, C, H, W)`` (+ query ``(B, Q)``) to ``(B, 1, H, W)``.
+    """
+    check_int(layer, "block_size", block_size)
+    if block_size > 1:
+        return BlockAttentionRNN(in_channels, block_size=block_size, **arnn_kwargs)
+    return AttentionRNN(in_channels, **arnn_kwargs)
 
 
 def zero_init_attention(layer: nn.Module) -> nn.Module:
@@ -56,11 +69,7 @@ class ARNNGate(nn.Module):
     def __init__(self, in_channels: int, block_size: int = 1, **arnn_kwargs) -> None:
         super().__init__()
         self.in_channels = in_channels
-        if block_size > 1:
-            self.attn = BlockAttentionRNN(in_channels, block_size=block_size, **arnn_kwargs)
-        else:
-            self.attn = AttentionRNN(in_channels, **arnn_kwargs)
-        zero_init_attention(self.attn)
+        self.attn = zero_init_attention(create_attention(in_channels, block_size, type(self).__name__, **arnn_kwargs))
 
     def forward(self, x: torch.Tensor, query: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, C, H, W)`` -> gated ``(B, C, H, W)``."""

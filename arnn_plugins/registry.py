@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch.nn as nn
 
+from .checks import SWAP_MODES, check_swap_mode
+
 __all__ = [
     "Adapter",
     "register_adapter",
@@ -37,10 +39,10 @@ __all__ = [
     "insert_attention",
     "remove_attention",
     "GATE_NAME",
+    "SWAP_MODES",
 ]
 
 GATE_NAME = "arnn_gate"
-SWAP_MODES = ("residual", "replace")
 
 # Host modules imported lazily; an ImportError (library not installed) just
 # means that host's adapters are not offered.
@@ -50,7 +52,7 @@ _BUILTIN_ADAPTER_MODULES = (
     "arnn_plugins.adapters.hf_vision",
     "arnn_plugins.adapters.vqa_mcb",
     "arnn_plugins.adapters.modular_gan",
-    "arnn_plugins.models.pan",
+    "arnn_plugins.adapters.pan_local",
 )
 
 
@@ -181,8 +183,7 @@ def swap_attention(
         ValueError: nothing in ``model`` matched; the model is left as it was
         (also when building a replacement fails).
     """
-    if mode not in SWAP_MODES:
-        raise ValueError(f"swap_attention: mode must be one of {SWAP_MODES}, got {mode!r}")
+    check_swap_mode("swap_attention", mode)
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_attention: expected an nn.Module, got {type(model).__name__}")
     chosen = _select("swap", adapters)

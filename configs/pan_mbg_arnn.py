@@ -2,6 +2,8 @@
 # as the small reproduction: 48 px images with 2-3 large digits (scales
 # 1.5-3.0), 10000 training items, 800 iterations of batch 32, the head reading
 # the last map pooled with the last mask (about 4 minutes on 2 idle cores).
+# The same run as arnn_plugins.experiments.pan_config('arnn', CONFIG_SCALE,
+# n_val=500) (tests/test_engine.py checks that the two agree).
 # For the paper's sizes: image_size=100, 5-9 digits at scales 0.5-3.0, lengths
 # 30000 / 10000 / 10000 and many more iterations (see `arnn-plugins reproduce`).
 custom_imports = dict(imports=['arnn_plugins.engine'], allow_failed_imports=False)
@@ -13,7 +15,7 @@ data_seed = 0
 batch_size = 32
 
 model = dict(type='PANModel', attention='arnn', image_size=image_size, num_classes=5, num_queries=10,
-             hidden_channels=16, batch_norm=True, readout='pool')
+             hidden_channels=16, channels=32, num_stacks=4, batch_norm=True, readout='pool')
 
 _data = dict(type='MultiDigitTensors', variant=variant, task=task, size=image_size, seed=data_seed,
              num_digits=(2, 3), scale_range=(1.5, 3.0), cache_dir='default')

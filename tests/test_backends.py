@@ -1,17 +1,28 @@
-"""Every backend agrees with the reference scan, and the fused Function is exact."""
+"""Every backend agrees with the reference scan, and the fused Function is exact.
+
+Also the boundary itself: what :mod:`arnn_plugins.ops` registers, callable
+backends, and the C source the CPU kernel is built from.
+"""
+
+import ctypes
+import importlib.resources
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from arnn_plugins import AttentionRNN, BlockAttentionRNN, available_backends, diagonal_lstm
-import os
-import shutil
-import subprocess
-import sys
-
-from arnn_plugins import cpu_kernel
-from arnn_plugins.fused_scan import fused_scan, fused_scan_torch
-from arnn_plugins.scan import reference_scan, resolve_backend
+from arnn_plugins import ops
+from arnn_plugins.experiments.bench import naive_scan
+from arnn_plugins.ops import cpu_kernel, fused_scan, resolve_backend
+from arnn_plugins.ops.fused import fused_scan_torch
+from arnn_plugins.ops.reference import reference_scan
 
 CPU_BACKENDS = ["fused"]
 # The fused backend runs the C kernel on CPU when it builds; the PyTorch
@@ -60,7 +71,7 @@ def test_fused_backward_twice_with_retain_graph():
 
 
 def test_memory_mb_measures_a_known_pattern():
-    from arnn_plugins.bench import memory_mb
+    from arnn_plugins.experiments.bench import memory_mb
 
     x = torch.randn(512, 1024, requires_grad=True)  # 2 MB
     held, peak = memory_mb(lambda: torch.exp(x), torch.device("cpu"))
@@ -71,7 +82,7 @@ def test_memory_mb_measures_a_known_pattern():
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler")
 def test_fused_backward_needs_little_beyond_saved_activations():
-    from arnn_plugins.bench import memory_mb
+    from arnn_plugins.experiments.bench import memory_mb
 
     torch.manual_seed(0)
     # In the layout the layer's input projection writes, (D, B, H, W, 4t),
@@ -99,7 +110,7 @@ def test_cpu_kernel_builds_and_is_used(monkeypatch):
 
 
 def test_cpu_kernel_can_be_switched_off():
-    code = "from arnn_plugins import cpu_kernel; print(cpu_kernel.available())"
+    code = "from arnn_plugins.ops import cpu_kernel; print(cpu_kernel.available())"
     env = dict(os.environ, ARNN_PLUGINS_NO_CC="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.stdout.strip() == "False"
@@ -202,3 +213,160 @@ def test_auto_backend_resolution():
     assert resolve_backend("reference", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="backend 'nope' is not available"):
         diagonal_lstm(torch.zeros(1, 2, 8, 2, 2), torch.zeros(2, 8, 2, 2), backend="nope")
+
+
+# --------------------------------------------------------------------------- the registry
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+def _run_child(code: str, **env) -> dict:
+    """Run ``code`` in a fresh interpreter (nothing imported yet) and return its ``REPORT`` JSON."""
+    full_env = dict(os.environ, **env)
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("REPORT "):])
+
+
+def test_ops_registers_exactly_its_backends_and_the_benchmark_adds_none():
+    report = _run_child(
+        """
+        import json
+        from arnn_plugins import ops
+        from arnn_plugins.ops import triton_scan
+        before = ops.available_backends()
+        from arnn_plugins.experiments import bench
+        after_import = ops.available_backends()
+        rows = bench.bench_layer(batch=1, channels=2, size=4, hidden=2,
+                                 backends=["naive", "reference", "fused"], repeats=1)
+        print("REPORT " + json.dumps(dict(
+            has_triton=triton_scan.HAS_TRITON, before=before, after_import=after_import,
+            after_run=ops.available_backends(), names=[r.name for r in rows],
+            err={r.name: r.max_err for r in rows})))
+        """
+    )
+    expected = sorted(["reference", "fused"] + (["triton"] if report["has_triton"] else []))
+    assert report["before"] == expected
+    assert report["after_import"] == expected and report["after_run"] == expected
+    assert report["names"] == ["naive", "reference", "fused"]
+    # The naive row is measured with the naive peer and computes the same mask.
+    assert report["err"]["reference"] == 0.0
+    assert report["err"]["naive"] < 1e-5 and report["err"]["fused"] < 1e-5
+
+
+def test_naive_peer_agrees_with_reference_everywhere():
+    # It does not mask the skew's padding, but padding cells see a zero input
+    # and zero neighbours, so their state stays zero: every cell agrees.
+    torch.manual_seed(0)
+    gx, wh = torch.randn(2, 2, 12, 4, 5, dtype=torch.float64), torch.randn(2, 12, 3, 2, dtype=torch.float64)
+    assert torch.allclose(naive_scan(gx, wh), reference_scan(gx, wh), atol=1e-12)
+
+
+def test_bench_scan_rows_time_each_backend_against_reference():
+    from arnn_plugins.experiments.bench import bench_scan
+
+    before = available_backends()
+    rows = bench_scan(batch=1, size=3, hidden=2, backends=["naive", "reference", "fused"], repeats=1)
+    assert [r.name for r in rows] == ["naive", "reference", "fused"]
+    assert available_backends() == before
+    ref = rows[1]
+    assert ref.ratio == pytest.approx(1.0) and ref.max_err == 0.0
+    assert all(r.max_err < 1e-5 and r.fwd_ms > 0 and r.fwdbwd_ms > 0 and r.held_mb > 0 for r in rows)
+    assert rows[0].vs_naive == pytest.approx(1.0)
+
+
+def test_callable_backend_matches_named_backend():
+    calls = []
+
+    def my_scan(gx, weight_hh):
+        calls.append((gx.dtype, weight_hh.dtype, torch.is_autocast_enabled("cpu")))
+        return reference_scan(gx, weight_hh)
+
+    torch.manual_seed(0)
+    named = AttentionRNN(3, hidden_channels=4, backend="reference").double()
+    given = AttentionRNN(3, hidden_channels=4, backend=my_scan).double()
+    given.load_state_dict(named.state_dict())
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    a, b = named(x), given(x)
+    assert calls == [(torch.float64, torch.float64, False)]
+    assert torch.equal(a, b)
+    go = torch.randn_like(a)
+    for g_named, g_given in zip(torch.autograd.grad(a, [x, *named.parameters()], go),
+                                torch.autograd.grad(b, [x, *given.parameters()], go)):
+        assert torch.equal(g_named, g_given)
+    assert "backend=my_scan" in repr(given)
+    # Same dtype handling as a registered backend: float32, autocast off.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        given.float()(x.float())
+    assert calls[-1] == (torch.float32, torch.float32, False)
+    # BlockAttentionRNN hands it on to its AttentionRNN.
+    block = BlockAttentionRNN(3, block_size=2, hidden_channels=4, backend=reference_scan)
+    assert block.arnn.backend is reference_scan and block(torch.randn(1, 3, 4, 4)).shape == (1, 1, 4, 4)
+
+
+@pytest.mark.parametrize("backend", ["nope", "naive", 3, None])
+def test_unknown_backend_names_the_layer_and_the_choices(backend):
+    with pytest.raises(ValueError, match=r"AttentionRNN: backend must be one of \['auto', 'fused', 'reference'"
+                                         r".* or a callable \(gx, weight_hh\) -> h, got"):
+        AttentionRNN(3, backend=backend)
+    with pytest.raises(ValueError, match="AttentionRNN: backend"):
+        BlockAttentionRNN(3, backend=backend)
+
+
+def test_register_backend_makes_a_name_valid(monkeypatch):
+    monkeypatch.setattr(ops, "_REGISTRY", dict(ops._REGISTRY))  # restored after the test
+    ops.register_backend("mine", reference_scan)
+    assert "mine" in available_backends() and "mine" in ops.backend_names()
+    torch.manual_seed(0)
+    ref = AttentionRNN(3, hidden_channels=2, backend="reference")
+    mine = AttentionRNN(3, hidden_channels=2, backend="mine")
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 4, 4)
+    assert torch.equal(ref(x), mine(x))
+    with pytest.raises(ValueError, match="auto"):
+        ops.register_backend("auto", reference_scan)
+    with pytest.raises(TypeError, match="callable"):
+        ops.register_backend("broken", "reference")
+
+
+# --------------------------------------------------------------------------- the C source
+
+
+def test_c_source_is_shipped_and_is_what_the_kernel_reads():
+    shipped = importlib.resources.files("arnn_plugins.ops").joinpath("csrc/arnn_scan.c")
+    assert shipped.is_file()
+    text = shipped.read_text(encoding="utf-8")
+    for symbol in ("void arnn_fwd_##SUF", "void arnn_bwd_##SUF", "DEFINE(float, f32)", "DEFINE(double, f64)"):
+        assert symbol in text
+    assert cpu_kernel.source() == text
+    # No second copy of the kernel inside the Python module.
+    assert "#include" not in Path(cpu_kernel.__file__).read_text()
+    # The cached library is named by a hash of exactly this text: an edited
+    # source is built anew instead of loading a stale library.
+    assert cpu_kernel.library_path() == cpu_kernel.library_path(text)
+    assert cpu_kernel.library_path(text + "\n") != cpu_kernel.library_path(text)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_cpu_kernel_builds_from_the_shipped_source_into_an_empty_cache(tmp_path):
+    report = _run_child(
+        """
+        import json, os
+        from arnn_plugins.ops import cpu_kernel
+        ok = cpu_kernel.available()
+        print("REPORT " + json.dumps(dict(ok=ok, path=cpu_kernel.library_path(),
+                                          files=sorted(os.listdir(os.path.dirname(cpu_kernel.library_path()))))))
+        """,
+        ARNN_PLUGINS_CACHE=str(tmp_path),
+    )
+    assert report["ok"]
+    path = Path(report["path"])
+    assert path.parent == tmp_path / "kernels" and report["files"] == [path.name]
+    lib = ctypes.CDLL(str(path))
+    for name in ("arnn_fwd_f32", "arnn_fwd_f64", "arnn_bwd_f32", "arnn_bwd_f64"):
+        assert hasattr(lib, name)

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from arnn_plugins import AttentionRNN
-from arnn_plugins.bench import bench_layer, format_table, naive_scan
+from arnn_plugins.experiments.bench import bench_layer, format_table, naive_scan
 from arnn_plugins.cli import main
-from arnn_plugins.demo import outline_task, train_mask_model
-from arnn_plugins.scan import reference_scan
+from arnn_plugins.experiments.outline import outline_task, train_mask_model
+from arnn_plugins.ops.reference import reference_scan
 
 
 def test_list_shows_layers_backends_and_adapters(capsys):

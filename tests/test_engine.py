@@ -161,11 +161,11 @@ def test_reproduce_tiny_writes_tables_and_json(tmp_path, capsys):
 
 
 def test_demo_trains_both_kinds_prints_table_writes_png(tmp_path, capsys):
-    from arnn_plugins.demo import run_pan_demo
+    from arnn_plugins.experiments.demo import run_pan_demo
 
     out = tmp_path / "demo.png"
     res = run_pan_demo(out=str(out), work_dir=str(tmp_path / "wd"), progress=False, show_items=2,
-                       settings=dict(size=32, n_train=32, n_test=16, iters=2, batch=8))
+                       size=32, n_train=32, n_test=16, iters=2, batch=8)
     text = capsys.readouterr().out
     assert "accuracy" in text and "mask corr." in text and "s/step" in text
     # One per-layer correctness per attention layer (32 px: 16, 8, 4, 2 px maps), on each model's row.
@@ -343,17 +343,33 @@ def test_pan_config_carries_digit_layout_and_readout():
     from arnn_plugins.data import MultiDigitDataset
     from arnn_plugins.experiments import SCALES, pan_config
 
-    cfg = pan_config("ctx", size=32, num_digits=(2, 3), scale_range=(1.5, 3.0), readout="pool", cache_dir=None)
+    cfg = pan_config("ctx", SCALES["small"], size=32, cache_dir=None)
     data = dict(cfg.train_dataloader.dataset)
-    assert cfg.model.readout == "pool"
+    assert cfg.model.readout == "pool" and cfg.model.image_size == 32
     assert tuple(data["num_digits"]) == (2, 3) and tuple(data["scale_range"]) == (1.5, 3.0)
     data.pop("type"), data.pop("cache_dir")
     ds = MultiDigitDataset(**dict(data, length=8))
     assert all(2 <= len(ds.sample(i).classes) <= 3 for i in range(8))
-    # Without them the data set's own (the paper's) layout is used.
-    plain = pan_config("ctx", size=32, cache_dir=None)
-    assert "num_digits" not in plain.train_dataloader.dataset and plain.model.readout == "flatten"
-    assert SCALES["full"].num_digits == (5, 9) and SCALES["full"].scale_range == (0.5, 3.0)
+    # The full scale keeps the paper's layout and head.
+    full = pan_config("ctx", SCALES["full"], cache_dir=None)
+    assert tuple(full.train_dataloader.dataset.num_digits) == (5, 9) and full.model.readout == "flatten"
+    assert tuple(full.train_dataloader.dataset.scale_range) == (0.5, 3.0)
+
+
+@pytest.mark.parametrize("kind", ["arnn", "ctx"])
+def test_config_files_are_the_recipe(kind):
+    """configs/pan_mbg_<kind>.py and pan_config(kind, CONFIG_SCALE) describe the same run."""
+    from arnn_plugins.engine import load_config
+    from arnn_plugins.experiments import CONFIG_SCALE, pan_config
+    from arnn_plugins.experiments.recipes import CONFIG_VAL
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"pan_mbg_{kind}.py")
+    cfg = load_config(path).to_dict()
+    code = pan_config(kind, CONFIG_SCALE, n_val=CONFIG_VAL).to_dict()
+    # Where they may differ: logging, checkpoints and the work dir (what a run writes, not what it computes).
+    for key in ("model", "train_dataloader", "val_dataloader", "test_dataloader", "train_cfg",
+                "optim_wrapper", "param_scheduler", "randomness", "test_evaluator", "val_evaluator"):
+        assert cfg[key] == code[key], key
 
 
 def test_multidigit_tensors_match_the_generator():

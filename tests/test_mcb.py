@@ -15,11 +15,8 @@ from arnn_plugins.models.mcb import (
     TransformersQuestionEncoder,
     build_mcb_vqa,
     count_sketch,
-    normalize_answer,
-    process_punctuation,
-    vqa_accuracy,
 )
-from arnn_plugins.models.vqa_data import QuestionTokenizer, VQADataset
+from arnn_plugins.data.vqa import QuestionTokenizer, VQADataset, normalize_answer, process_punctuation, vqa_accuracy
 
 C, Q_VOCAB, N_ANS, H, W = 8, 30, 6, 6, 6
 

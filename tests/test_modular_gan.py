@@ -5,16 +5,23 @@ import pytest
 import torch
 
 import arnn_plugins as ap
+from arnn_plugins.data.celeba import CelebA, read_celeba_attributes
 from arnn_plugins.models.modular_gan import (
-    CelebA,
     LocalMask,
     MGANDiscriminator,
     ModularGAN,
-    ModularGANTrainer,
     TransformerModule,
+    gan_step,
     gradient_penalty,
-    read_celeba_attributes,
+    optimizer_update,
 )
+
+
+def adam_updates(model, lr=1e-4):
+    """Plain Adam updates for D and for the generator, as ``gan_step`` takes them."""
+    opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(list(model.generator_parameters()), lr=lr, betas=(0.5, 0.999))
+    return optimizer_update(opt_d), optimizer_update(opt_g)
 
 S = 32
 
@@ -170,7 +177,7 @@ def test_trainer_steps_update_both_players_and_lower_losses(kind):
     model = small_gan(seed=1)
     if kind == "arnn":
         ap.swap_attention(model, mode="replace", hidden_channels=4)
-    trainer = ModularGANTrainer(model, lr=2e-3)
+    update_d, update_g = adam_updates(model, lr=2e-3)
     x, labels = data(b=4, seed=2)
     d_w = model.discriminator.net[0].weight.detach().clone()
     key = "conv.weight" if kind == "local" else "arnn.input_proj.weight"
@@ -178,7 +185,7 @@ def test_trainer_steps_update_both_players_and_lower_losses(kind):
     hist = []
     for i in range(10):
         torch.manual_seed(100 + i)
-        hist.append(trainer.step(x, labels))
+        hist.append({k: float(v) for k, v in gan_step(model, x, labels, update_d, update_g).items()})
     assert all(np.isfinite(list(h.values())).all() for h in hist)
     assert not torch.equal(model.discriminator.net[0].weight, d_w)
     assert not torch.equal(dict(model.transformers[0].mask.named_parameters())[key], m_w)
@@ -191,14 +198,19 @@ def test_trainer_steps_update_both_players_and_lower_losses(kind):
     assert last["d_cls"] < first["d_cls"], [h["d_cls"] for h in hist]
 
 
-def test_trainer_after_swap_needs_refreshed_optimizer():
+def test_generator_parameters_include_the_swapped_masks():
     model = small_gan()
-    trainer = ModularGANTrainer(model)
+    n_before = len(list(model.generator_parameters()))
     ap.swap_attention(model, hidden_channels=4)
-    n_before = sum(len(g["params"]) for g in trainer.opt_g.param_groups)
-    trainer.refresh_optimizer()
-    n_after = sum(len(g["params"]) for g in trainer.opt_g.param_groups)
-    assert n_after == len(list(model.generator_parameters())) > n_before
+    names = {id(p) for p in model.generator_parameters()}
+    arnn = [p for t in model.transformers for p in t.mask.arnn.parameters()]
+    assert len(names) > n_before and all(id(p) in names for p in arnn)
+
+
+def test_gan_step_rejects_other_models():
+    with pytest.raises(TypeError, match="gan_step: expected a ModularGAN"):
+        gan_step(torch.nn.Linear(2, 2), torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, dtype=torch.long),
+                 lambda loss: None, lambda loss: None)
 
 
 def test_bad_inputs_name_the_module():
@@ -276,8 +288,8 @@ def test_celeba_loader_published_layout(celeba_root):
     model = ModularGAN(ds.num_values, image_size=S, base=8, n_res_encoder=1, n_res_transformer=1, d_base=8)
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
     images, labels = next(iter(loader))
-    losses = ModularGANTrainer(model).step(images, labels)
-    assert np.isfinite(losses["g_loss"]) and np.isfinite(losses["d_loss"])
+    losses = gan_step(model, images, labels, *adam_updates(model))
+    assert torch.isfinite(losses["g_loss"]) and torch.isfinite(losses["d_loss"])
 
 
 def test_celeba_loader_errors(celeba_root, tmp_path_factory):

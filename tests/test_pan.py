@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import arnn_plugins as ap
+from arnn_plugins.adapters.pan_local import LocalARNNAttention
 from arnn_plugins.models.pan import (
     ATTENTION_KINDS,
     PAN,
-    LocalARNNAttention,
     LocalAttention,
     evaluate_pan,
     mask_correctness,

@@ -35,8 +35,8 @@ _CHILD = textwrap.dedent(
     import json, sys
     import torch
     import arnn_plugins as ap
-    from arnn_plugins import triton_scan as ts
-    from arnn_plugins.scan import reference_scan
+    from arnn_plugins.ops import triton_scan as ts
+    from arnn_plugins.ops.reference import reference_scan
 
     assert ts._interpreting(), "TRITON_INTERPRET=1 did not reach the kernels"
     torch.manual_seed(0)
@@ -145,8 +145,8 @@ def test_layer_matches_reference_interpreted(interpreter_report):
 
 def test_clear_error_without_gpu_or_interpreter():
     pytest.importorskip("triton")
-    from arnn_plugins import triton_scan as ts
-    from arnn_plugins.scan import diagonal_lstm
+    from arnn_plugins.ops import triton_scan as ts
+    from arnn_plugins.ops import diagonal_lstm
 
     if ts._interpreting():
         pytest.skip("this process runs Triton's interpreter")
@@ -160,7 +160,7 @@ def test_clear_error_without_gpu_or_interpreter():
 
 def test_bad_shapes_rejected():
     pytest.importorskip("triton")
-    from arnn_plugins import triton_scan as ts
+    from arnn_plugins.ops import triton_scan as ts
 
     with pytest.raises(ValueError, match="weight_hh"):
         ts.triton_scan(torch.randn(1, 2, 16, 3, 3), torch.randn(2, 16, 5, 2))
@@ -175,8 +175,8 @@ def test_imports_cleanly_without_triton():
         import sys
         sys.modules["triton"] = None
         import torch
-        from arnn_plugins import triton_scan as ts
-        from arnn_plugins.scan import available_backends
+        from arnn_plugins.ops import triton_scan as ts
+        from arnn_plugins.ops import available_backends
         assert not ts.HAS_TRITON and "triton" not in available_backends()
         assert not ts.triton_scan_supported("cpu")
         try:
@@ -199,8 +199,8 @@ def test_imports_cleanly_without_triton():
 @pytest.mark.parametrize("b,t,h,w", [(2, 16, 20, 17), (3, 5, 1, 9), (1, 32, 33, 2)])
 def test_scan_matches_reference_cuda(b, t, h, w, dtype):
     pytest.importorskip("triton")
-    from arnn_plugins import triton_scan as ts
-    from arnn_plugins.scan import reference_scan
+    from arnn_plugins.ops import triton_scan as ts
+    from arnn_plugins.ops.reference import reference_scan
 
     if ts._interpreting():
         pytest.skip("this process runs Triton's interpreter")
@@ -223,7 +223,7 @@ def test_kernels_compile_for_sm90(kernel):
     # The GPU path cannot run here, but Triton compiles to PTX and cubin (with
     # its bundled ptxas) without a device: this catches lowering errors.
     pytest.importorskip("triton")
-    from arnn_plugins import triton_scan as ts
+    from arnn_plugins.ops import triton_scan as ts
 
     if ts._interpreting():
         pytest.skip("this process runs Triton's interpreter")

@@ -1,4 +1,9 @@
-"""Data sets: MNIST digits and the MREF / MDIST / MBG multi-digit query data (paper 4.1)."""
+"""Data sets: MNIST digits and the MREF / MDIST / MBG multi-digit query data (paper 4.1).
+
+The readers of published data sets are submodules: :mod:`arnn_plugins.data.vqa`
+(VQA v2 questions, answers, features and the official accuracy) and
+:mod:`arnn_plugins.data.celeba` (CelebA).
+"""
 
 from .digits import SPLITS, DigitSet, digits_source, load_digits
 from .multidigit import (
@@ -11,6 +16,8 @@ from .multidigit import (
     MultiDigitSample,
     load_backgrounds,
     make_multidigit,
+    query_blind_accuracy,
+    uniform_mask_correctness,
 )
 
 __all__ = [
@@ -27,4 +34,6 @@ __all__ = [
     "load_backgrounds",
     "load_digits",
     "make_multidigit",
+    "query_blind_accuracy",
+    "uniform_mask_correctness",
 ]

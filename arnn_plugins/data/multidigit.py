@@ -54,9 +54,6 @@ digits from disjoint MNIST images (see :mod:`arnn_plugins.data.digits`).
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -65,7 +62,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..checks import check_choice
+from .backgrounds import load_backgrounds, shrink_to, to_pil
 from .digits import SPLITS, DigitSet, load_digits
+from .placement import free_positions, ink_boxes, resize_matrix
 
 __all__ = [
     "COLOURS",
@@ -77,6 +77,8 @@ __all__ = [
     "MultiDigitDataset",
     "load_backgrounds",
     "make_multidigit",
+    "query_blind_accuracy",
+    "uniform_mask_correctness",
 ]
 
 COLOURS = ("red", "green", "blue", "yellow", "white")
@@ -89,63 +91,6 @@ PAPER_LENGTHS = {"train": 30_000, "val": 10_000, "test": 10_000}
 _SPLIT_CODE = {s: k for k, s in enumerate(SPLITS)}
 _SHRINK = 0.85
 _MAX_RESTARTS = 200
-
-# Photographs (not textures of text, charts or microscopy) shipped in
-# scikit-image's wheel; no download needed.
-_SKIMAGE_PHOTOS = (
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-    "motorcycle_right.png", "camera.png", "coins.png", "moon.png",
-    "grass.png", "gravel.png", "brick.png",
-)
-
-
-@functools.lru_cache(maxsize=None)
-def _skimage_photos() -> Tuple[Image.Image, ...]:
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "MultiDigitDataset: variant 'mbg' needs background photographs; install scikit-image "
-            "(its wheel ships them) or pass backgrounds=[...]"
-        )
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    photos = []
-    for name in _SKIMAGE_PHOTOS:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with Image.open(path) as im:
-                photos.append(im.convert("RGB"))
-    if not photos:
-        raise ImportError(f"MultiDigitDataset: found none of the scikit-image photographs in {folder}")
-    return tuple(photos)
-
-
-def load_backgrounds() -> Tuple[Image.Image, ...]:
-    """The default MBG background photographs (RGB PIL images, cached)."""
-    return _skimage_photos()
-
-
-def _to_pil(bg) -> Image.Image:
-    if isinstance(bg, Image.Image):
-        return bg.convert("RGB")
-    arr = np.asarray(bg)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ValueError(f"MultiDigitDataset: a background must be (H, W, 3) or (H, W), got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return Image.fromarray(arr, "RGB")
-
-
-def _shrink_to(im: Image.Image, side: int) -> Image.Image:
-    # Crops are at least 30% of the shorter side, so a photo whose shorter
-    # side is 3 x the output loses no detail, and resizing crops is cheaper.
-    w, h = im.size
-    if min(w, h) <= side:
-        return im
-    f = side / min(w, h)
-    return im.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
-
 
 @dataclass
 class MultiDigitSample:
@@ -222,12 +167,9 @@ class MultiDigitDataset(Dataset):
         backgrounds: Optional[Sequence] = None,
         return_tuple: bool = False,
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"MultiDigitDataset: variant must be one of {VARIANTS}, got {variant!r}")
-        if split not in SPLITS:
-            raise ValueError(f"MultiDigitDataset: split must be one of {SPLITS}, got {split!r}")
-        if task not in TASKS:
-            raise ValueError(f"MultiDigitDataset: task must be one of {TASKS}, got {task!r}")
+        check_choice("MultiDigitDataset", "variant", variant, VARIANTS)
+        check_choice("MultiDigitDataset", "split", split, SPLITS)
+        check_choice("MultiDigitDataset", "task", task, TASKS)
         if not isinstance(size, int) or size < 16:
             raise ValueError(f"MultiDigitDataset: size must be an int >= 16, got {size!r}")
         lo, hi = num_digits
@@ -263,12 +205,12 @@ class MultiDigitDataset(Dataset):
         missing = [c for c in range(10) if len(self.digits.by_class[c]) == 0]
         if missing:
             raise ValueError(f"MultiDigitDataset: the digit set has no images of classes {missing}")
-        self._ink = _ink_boxes(self.digits.images)
+        self._ink = ink_boxes(self.digits.images)
         self._backgrounds = None
         self._noise = None
         if variant == "mbg":
             bgs = backgrounds if backgrounds is not None else load_backgrounds()
-            self._backgrounds = tuple(_shrink_to(_to_pil(b), 3 * size) for b in bgs)
+            self._backgrounds = tuple(shrink_to(to_pil(b), 3 * size) for b in bgs)
             if not self._backgrounds:
                 raise ValueError("MultiDigitDataset: backgrounds is empty")
 
@@ -372,11 +314,11 @@ class MultiDigitDataset(Dataset):
             f = scale * self._px_scale()
             bh = max(1, min(size, int(round((y1 - y0) * f))))
             bw = max(1, min(size, int(round((x1 - x0) * f))))
-            free = _free_positions(size, placed, bh, bw)
+            free = free_positions(size, placed, bh, bw)
             if free.size:
                 flat = free[rng.integers(free.size)]
                 fy, fx = divmod(int(flat), size - bw + 1)
-                patch = _resize_matrix(ink.shape[0], bh) @ ink.astype(np.float32) @ _resize_matrix(ink.shape[1], bw).T
+                patch = resize_matrix(ink.shape[0], bh) @ ink.astype(np.float32) @ resize_matrix(ink.shape[1], bw).T
                 patch *= 1.0 / 255.0
                 # Rows of the weights are convex, so only rounding can pass 1.
                 return scale, (fy, fx, fy + bh, fx + bw), np.minimum(patch, 1.0, out=patch)
@@ -441,44 +383,43 @@ class MultiDigitDataset(Dataset):
         )
 
 
-def _ink_boxes(images: np.ndarray) -> np.ndarray:
-    """``(N, 4)`` ink bounding boxes ``(y0, y1, x0, x1)`` of ``(N, h, w)`` digits."""
-    rows, cols = images.any(axis=2), images.any(axis=1)
-    h, w = images.shape[1:]
-    empty = ~rows.any(axis=1)
-    y0 = rows.argmax(axis=1)
-    y1 = h - rows[:, ::-1].argmax(axis=1)
-    x0 = cols.argmax(axis=1)
-    x1 = w - cols[:, ::-1].argmax(axis=1)
-    box = np.stack([y0, y1, x0, x1], axis=1)
-    box[empty] = (0, h, 0, w)  # a blank image keeps its frame
-    return box
+def query_blind_accuracy(dataset) -> float:
+    """Expected accuracy of the best answer that looks at the image but not the query.
+
+    The target is one of the image's digits at random, so without the query
+    the best colour answer is the colour most digits share (ties split), and
+    the best digit answer (inverse task, digits of distinct classes) is any
+    of the ``n`` digits, right ``1 / n`` of the time. This is the level a
+    model reaches before its attention follows the query.
+
+    Args:
+        dataset: a :class:`MultiDigitDataset`.
+    """
+    total = 0.0
+    for i in range(len(dataset)):
+        s = dataset.sample(i)
+        if dataset.task == "color":
+            counts = np.bincount(s.colours, minlength=int(s.colours.max()) + 1)
+            best = np.flatnonzero(counts == counts.max())
+            total += float(s.colours[s.target] in best) / len(best)
+        else:
+            total += 1.0 / len(s.classes)
+    return total / max(len(dataset), 1)
 
 
-@functools.lru_cache(maxsize=4096)
-def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """``(n_out, n_in)`` antialiased bilinear (triangle filter) resampling
-    weights, as PIL's BILINEAR; a 2-D resize is ``R_y @ img @ R_x.T``."""
-    scale = n_in / n_out
-    support = max(scale, 1.0)  # widen the filter when shrinking (antialias)
-    centres = (np.arange(n_out) + 0.5) * scale
-    x = np.arange(n_in) + 0.5
-    w = np.clip(1.0 - np.abs(x[None, :] - centres[:, None]) / support, 0.0, None)
-    w /= w.sum(axis=1, keepdims=True)
-    w = w.astype(np.float32)
-    w.setflags(write=False)
-    return w
+def uniform_mask_correctness(dataset) -> float:
+    """Mask correctness of a uniform mask: the target digit's mean share of the image.
 
+    The level attention starts from; a mask scores above it only where it
+    weights the queried digit more than the rest of the image.
 
-def _free_positions(size: int, placed, bh: int, bw: int) -> np.ndarray:
-    """Flat indices (row-major over ``(size - bh + 1, size - bw + 1)``) of the
-    top-left corners where a ``bh x bw`` box overlaps none of ``placed``
-    (boxes ``(y0, x0, y1, x1)``)."""
-    ok = np.ones((size - bh + 1, size - bw + 1), dtype=bool)
-    for y0, x0, y1, x1 in placed:
-        # A box at (y, x) overlaps iff y0 - bh < y < y1 and x0 - bw < x < x1.
-        ok[max(0, y0 - bh + 1):y1, max(0, x0 - bw + 1):x1] = False
-    return np.flatnonzero(ok)
+    Args:
+        dataset: a :class:`MultiDigitDataset`.
+    """
+    total = 0.0
+    for i in range(len(dataset)):
+        total += float(dataset.sample(i).mask.mean())
+    return total / max(len(dataset), 1)
 
 
 def make_multidigit(

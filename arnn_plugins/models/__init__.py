@@ -1,6 +1,17 @@
-"""Host models that no model zoo provides."""
+"""Host models that no model zoo provides (models only: data in :mod:`arnn_plugins.data`, glue in adapters)."""
 
-from .mcb import CompactBilinearPooling, MCBGlimpseAttention, MCBVQA, build_mcb_vqa, vqa_accuracy
+from .mcb import CompactBilinearPooling, MCBGlimpseAttention, MCBVQA, build_mcb_vqa
+from .modular_gan import LocalMask, ModularGAN, gan_step
 from .pan import PAN, mask_correctness
-from .modular_gan import CelebA, LocalMask, ModularGAN, ModularGANTrainer
-from .vqa_data import QuestionTokenizer, VQADataset
+
+__all__ = [
+    "PAN",
+    "CompactBilinearPooling",
+    "LocalMask",
+    "MCBGlimpseAttention",
+    "MCBVQA",
+    "ModularGAN",
+    "build_mcb_vqa",
+    "gan_step",
+    "mask_correctness",
+]

@@ -14,18 +14,19 @@ The three VQA models of the paper's section 4.3:
   ``arnn_plugins.adapters.vqa_mcb``), or :func:`build_mcb_vqa` with
   ``kind="mcb_arnn"``.
 
-:func:`vqa_accuracy` is the official VQA evaluation's per-question accuracy,
-answer normalisation included.
+The official VQA accuracy and answer normalisation live with the VQA data
+(:func:`arnn_plugins.data.vqa.vqa_accuracy`).
 """
 
 from __future__ import annotations
 
-import re
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..checks import check_choice, check_image, check_int, check_query
 
 __all__ = [
     "CompactBilinearPooling",
@@ -37,10 +38,9 @@ __all__ = [
     "MCBVQA",
     "build_mcb_vqa",
     "MCB_KINDS",
-    "normalize_answer",
-    "process_punctuation",
-    "process_digit_article",
-    "vqa_accuracy",
+    "check_glimpse_input",
+    "local_glimpse_logits",
+    "spatial_softmax",
 ]
 
 MCB_KINDS = ("mcb", "mcb_att", "mcb_arnn")
@@ -101,8 +101,7 @@ class CompactBilinearPooling(nn.Module):
     def __init__(self, in1: int, in2: int, out_dim: int, seed: int = 0) -> None:
         super().__init__()
         for name, value in (("in1", in1), ("in2", in2), ("out_dim", out_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"CompactBilinearPooling: {name} must be a positive int, got {value!r}")
+            check_int("CompactBilinearPooling", name, value)
         self.in1, self.in2, self.out_dim = in1, in2, out_dim
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer("h1", torch.randint(out_dim, (in1,), generator=gen))
@@ -245,8 +244,12 @@ class TransformersQuestionEncoder(nn.Module):
 # Models
 
 
-def _local_glimpse_logits(mcb, conv1, conv2, dropout: float, training: bool, x, q):
-    """The MCB+ATT attention logits ``(B, G, H, W)``; shared by the ARNN residual prior."""
+def local_glimpse_logits(mcb, conv1, conv2, dropout: float, training: bool, x, q):
+    """The MCB+ATT attention logits ``(B, G, H, W)`` of image features ``x`` ``(B, C, H, W)`` and question ``q`` ``(B, Q)``.
+
+    The glimpse attention's own computation, also used as the prior of the
+    ARNN residual swap (:mod:`arnn_plugins.adapters.vqa_mcb`).
+    """
     z = signed_sqrt_l2(mcb(x, q), dim=1)
     z = F.dropout(z, dropout, training)
     return conv2(F.relu(conv1(z)))
@@ -287,8 +290,7 @@ class MCBGlimpseAttention(nn.Module):
         seed: int = 1,
     ) -> None:
         super().__init__()
-        if not isinstance(glimpses, int) or glimpses < 1:
-            raise ValueError(f"MCBGlimpseAttention: glimpses must be a positive int, got {glimpses!r}")
+        check_int("MCBGlimpseAttention", "glimpses", glimpses)
         self.img_channels = img_channels
         self.query_channels = query_channels
         self.glimpses = glimpses
@@ -303,7 +305,7 @@ class MCBGlimpseAttention(nn.Module):
     def logits(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)``, ``(B, Q)`` -> glimpse logits ``(B, G, H, W)``."""
         check_glimpse_input("MCBGlimpseAttention", x, q, self.img_channels, self.query_channels)
-        return _local_glimpse_logits(self.mcb, self.conv1, self.conv2, self.dropout, self.training, x, q)
+        return local_glimpse_logits(self.mcb, self.conv1, self.conv2, self.dropout, self.training, x, q)
 
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)``, ``(B, Q)`` -> attention weights ``(B, G, H, W)``."""
@@ -311,19 +313,9 @@ class MCBGlimpseAttention(nn.Module):
 
 
 def check_glimpse_input(name: str, x, q, img_channels: int, query_channels: int) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``name`` for a bad image or question input."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name}: expected floating point image features of shape (B, {img_channels}, H, W)")
-    if x.dim() != 4 or x.shape[1] != img_channels or 0 in x.shape:
-        raise ValueError(
-            f"{name}: expected image features of shape (B, {img_channels}, H, W), got {tuple(x.shape)}"
-        )
-    if not isinstance(q, torch.Tensor) or not q.is_floating_point():
-        raise TypeError(f"{name}: expected a floating point question embedding of shape (B, {query_channels})")
-    if q.dim() != 2 or q.shape != (x.shape[0], query_channels):
-        raise ValueError(
-            f"{name}: expected a question embedding of shape ({x.shape[0]}, {query_channels}), got {tuple(q.shape)}"
-        )
+    """Image features ``(B, img_channels, H, W)`` and a question embedding ``(B, query_channels)``."""
+    check_image(name, x, img_channels, "image features")
+    check_query(name, q, x.shape[0], query_channels, "question embedding")
 
 
 class MCBVQA(nn.Module):
@@ -371,8 +363,7 @@ class MCBVQA(nn.Module):
         pad_id: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(num_answers, int) or num_answers < 1:
-            raise ValueError(f"MCBVQA: num_answers must be a positive int, got {num_answers!r}")
+        check_int("MCBVQA", "num_answers", num_answers)
         if question_encoder is None:
             if vocab_size is None:
                 raise ValueError("MCBVQA: pass vocab_size (for the LSTM question encoder) or a question_encoder")
@@ -413,12 +404,7 @@ class MCBVQA(nn.Module):
         return_attention: bool = False,
     ):
         """``(B, C, H, W)``, ``(B, L)`` -> logits ``(B, num_answers)`` (+ attention ``(B, G, H, W)``)."""
-        if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-            raise TypeError(f"MCBVQA: expected floating point image features of shape (B, {self.img_channels}, H, W)")
-        if image.dim() != 4 or image.shape[1] != self.img_channels or 0 in image.shape:
-            raise ValueError(
-                f"MCBVQA: expected image features of shape (B, {self.img_channels}, H, W), got {tuple(image.shape)}"
-            )
+        check_image("MCBVQA", image, self.img_channels, "image features")
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != image.shape[0]:
             raise ValueError(
                 f"MCBVQA: expected question tokens of shape ({image.shape[0]}, L), "
@@ -448,8 +434,7 @@ def build_mcb_vqa(kind: str = "mcb_att", **kwargs) -> MCBVQA:
     paper); ARNN options go in ``arnn_kwargs=dict(...)``. Other keyword
     arguments go to :class:`MCBVQA`.
     """
-    if kind not in MCB_KINDS:
-        raise ValueError(f"build_mcb_vqa: kind must be one of {MCB_KINDS}, got {kind!r}")
+    check_choice("build_mcb_vqa", "kind", kind, MCB_KINDS)
     arnn_kwargs = dict(kwargs.pop("arnn_kwargs", None) or {})
     model = MCBVQA(attention=kind != "mcb", **kwargs)
     if kind == "mcb_arnn":
@@ -457,117 +442,3 @@ def build_mcb_vqa(kind: str = "mcb_att", **kwargs) -> MCBVQA:
 
         swap_attention(model, mode="replace", adapters=["vqa_mcb_glimpse"], **arnn_kwargs)
     return model
-
-
-# --------------------------------------------------------------------------
-# Official VQA accuracy (github.com/GT-Vision-Lab/VQA, vqaEval.py)
-
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
-    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
-    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
-    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
-    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
-    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
-    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
-    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
-    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
-    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
-    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
-    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
-    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
-    "youve": "you've",
-}
-_NUMBERS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}
-_ARTICLES = ("a", "an", "the")
-# Kept byte for byte from the official code, including its "(?!<=\d)" (meant
-# as a look-behind; in effect it drops every period not followed by a digit).
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
-_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-
-
-def process_punctuation(text: str) -> str:
-    """The official ``processPunctuation``: drop or space out punctuation, strip sentence periods."""
-    out = text
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
-
-
-def process_digit_article(text: str) -> str:
-    """The official ``processDigitArticle``: lowercase, number words to digits, no articles, contractions."""
-    words = []
-    for word in text.lower().split():
-        word = _NUMBERS.get(word, word)
-        if word not in _ARTICLES:
-            words.append(word)
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
-
-
-def normalize_answer(text: str) -> str:
-    """Full official normalisation of one answer string (whitespace, punctuation, digits, articles)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
-
-
-def vqa_accuracy(prediction: str, human_answers: Sequence, strict: bool = True) -> float:
-    """Official VQA accuracy of one predicted answer against the (10) human answers.
-
-    ``acc = mean over the leave-one-out subsets of min(#matches among the
-    other humans / 3, 1)``: with 10 humans, 1 match gives 0.3, 2 give 0.6, 3
-    give 0.9 and 4 or more give 1.0.
-
-    Args:
-        prediction: the predicted answer string.
-        human_answers: the human answers, as strings or as the annotation
-            dicts ``{"answer": ...}`` (10 in VQA; any number >= 1 is accepted).
-        strict: follow ``vqaEval.py`` of the official VQA toolkit exactly:
-            the prediction is stripped, then punctuation, number words,
-            articles and contractions are normalised; the human answers (which
-            the released annotations already store normalised) only get the
-            punctuation step, and only when the humans disagree.
-            ``strict=False`` fully normalises the human answers too (for
-            annotations that were not normalised beforehand).
-
-    Returns:
-        Accuracy in ``[0, 1]``.
-    """
-    if not isinstance(prediction, str):
-        raise TypeError(f"vqa_accuracy: prediction must be a str, got {type(prediction).__name__}")
-    answers = [a["answer"] if isinstance(a, dict) else a for a in human_answers]
-    if not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError("vqa_accuracy: human_answers must be a non-empty sequence of strings or {'answer': str} dicts")
-    pred = normalize_answer(prediction)
-    if not strict:
-        answers = [normalize_answer(a) for a in answers]
-    elif len(set(answers)) > 1:
-        answers = [process_punctuation(a) for a in answers]
-    accs = []
-    # Leave out one human at a time (by position: the official code compares
-    # annotation dicts, whose answer_id makes every human distinct).
-    for i in range(len(answers)):
-        others = answers[:i] + answers[i + 1:]
-        accs.append(min(1.0, sum(a == pred for a in others) / 3.0))
-    return sum(accs) / len(accs)

@@ -1,4 +1,4 @@
-"""ModularGAN (Zhao et al., ECCV 2018) for multi-attribute face editing, and CelebA.
+"""ModularGAN (Zhao et al., ECCV 2018) for multi-attribute face editing.
 
 The generator is split into modules that can be composed:
 
@@ -13,25 +13,23 @@ The generator is split into modules that can be composed:
 - reconstructor ``R``: features -> image (two stride-2 upsamplings, tanh);
 - discriminator ``D``: a patch real/fake head and an attribute classifier head.
 
-:class:`ModularGANTrainer` runs one discriminator and one generator step with
+:func:`gan_step` makes one discriminator and one generator update with
 WGAN-GP, attribute classification, reconstruction ``|R(E(x)) - x|`` and the
-feature cycle loss ``|E(R(f')) - f'|`` of ModularGAN.
-
-:class:`CelebA` reads the published ``img_align_celeba`` layout.
+feature cycle loss ``|E(R(f')) - f'|`` of ModularGAN, through any optimiser
+(plain torch, or mmengine's wrappers in :mod:`arnn_plugins.engine.mgan`).
+CelebA is read by :class:`arnn_plugins.data.celeba.CelebA`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import random
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+
+from ..checks import check_image, check_odd_kernel
 
 __all__ = [
     "LocalMask",
@@ -41,25 +39,15 @@ __all__ = [
     "MGANReconstructor",
     "MGANDiscriminator",
     "ModularGAN",
-    "ModularGANTrainer",
+    "gan_step",
     "gradient_penalty",
-    "CelebA",
-    "MGAN_ATTRIBUTES",
+    "optimizer_update",
+    "random_target",
 ]
-
-# The paper's three attributes: hair colour (3 values), gender, smile.
-MGAN_ATTRIBUTES = (("Black_Hair", "Blond_Hair", "Brown_Hair"), "Male", "Smiling")
 
 
 def _norm(c: int) -> nn.Module:
     return nn.InstanceNorm2d(c, affine=True, track_running_stats=False)
-
-
-def _check_image(name: str, x, channels: int, what: str = "images") -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name}: expected floating point {what} of shape (B, {channels}, H, W)")
-    if x.dim() != 4 or x.shape[1] != channels or 0 in x.shape:
-        raise ValueError(f"{name}: expected {what} of shape (B, {channels}, H, W), got {tuple(x.shape)}")
 
 
 class ResidualBlock(nn.Module):
@@ -91,14 +79,13 @@ class LocalMask(nn.Module):
 
     def __init__(self, in_channels: int, kernel_size: int = 3) -> None:
         super().__init__()
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"LocalMask: kernel_size must be an odd positive int, got {kernel_size!r}")
+        check_odd_kernel("LocalMask", "kernel_size", kernel_size)
         self.in_channels = in_channels
         self.conv = nn.Conv2d(in_channels, 1, kernel_size, padding=kernel_size // 2)
 
     def logits(self, t: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, 1, H, W)`` mask logits."""
-        _check_image("LocalMask", t, self.in_channels, "features")
+        check_image("LocalMask", t, self.in_channels, "features")
         return self.conv(t)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -127,7 +114,7 @@ class MGANEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> features ``(B, C_f, h, w)``."""
-        _check_image("MGANEncoder", x, self.in_channels)
+        check_image("MGANEncoder", x, self.in_channels)
         return self.net(x)
 
 
@@ -160,7 +147,7 @@ class TransformerModule(nn.Module):
 
     def forward(self, f: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(B, C_f, h, w)``, ``(B,)`` -> ``(f', g)``."""
-        _check_image("TransformerModule", f, self.channels, "features")
+        check_image("TransformerModule", f, self.channels, "features")
         if not isinstance(value, torch.Tensor) or value.shape != (f.shape[0],) or value.is_floating_point():
             raise ValueError(
                 f"TransformerModule: expected integer target values of shape ({f.shape[0]},), "
@@ -194,7 +181,7 @@ class MGANReconstructor(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """``(B, C_f, h, w)`` -> images ``(B, 3, H, W)``."""
-        _check_image("MGANReconstructor", f, self.in_channels, "features")
+        check_image("MGANReconstructor", f, self.in_channels, "features")
         return self.net(f)
 
 
@@ -235,7 +222,7 @@ class MGANDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``(B, 3, S, S)`` -> ``(src, [class logits per attribute])``."""
-        _check_image("MGANDiscriminator", x, self.in_channels)
+        check_image("MGANDiscriminator", x, self.in_channels)
         if x.shape[2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"MGANDiscriminator: expected images of shape (B, {self.in_channels}, {self.image_size}, "
@@ -389,201 +376,58 @@ def generator_losses(model: "ModularGAN", images, target, lambda_cls: float, lam
     return g_loss, dict(g_adv=g_adv, g_cls=g_cls, rec=rec, cyc=cyc)
 
 
-class ModularGANTrainer:
-    """One discriminator step and one generator step per call (Adam, WGAN-GP).
+def optimizer_update(optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+    """``update(loss)``: zero the gradients, back-propagate ``loss``, step ``optimizer``."""
+
+    def update(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return update
+
+
+def gan_step(
+    model: "ModularGAN",
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    update_d: Callable[[torch.Tensor], None],
+    update_g: Callable[[torch.Tensor], None],
+    target: Optional[torch.Tensor] = None,
+    lambda_cls: float = 1.0,
+    lambda_rec: float = 10.0,
+    lambda_cyc: float = 10.0,
+    lambda_gp: float = 10.0,
+) -> Dict[str, torch.Tensor]:
+    """One discriminator and one generator update (WGAN-GP, ModularGAN's losses).
 
     Discriminator: ``-D(x) + D(G(x, c)) + l_gp GP + l_cls CE(D_cls(x), labels)``.
     Generator: ``-D(G(x, c)) + l_cls CE(D_cls(G(x, c)), c) + l_rec |R(E(x)) - x|
     + l_cyc |E(R(f')) - f'|`` with ``f'`` the transformed features.
 
     Args:
-        model: a :class:`ModularGAN`.
-        lr, betas: Adam settings for both optimisers.
-        lambda_cls, lambda_rec, lambda_cyc, lambda_gp: loss weights.
+        model: a :class:`ModularGAN` (put in training mode).
+        images: ``(B, 3, S, S)`` in ``[-1, 1]``; labels: ``(B, n_attr)`` long.
+        update_d, update_g: apply a loss to the discriminator's and to the
+            generator's (``model.generator_parameters()``) optimiser, e.g.
+            :func:`optimizer_update` or mmengine's ``OptimWrapper.update_params``.
+        target: ``(B, n_attr)`` edit targets; random values when ``None``.
+
+    Returns:
+        detached losses: ``d_loss``, ``d_adv``, ``d_cls``, ``gp``, ``g_loss``,
+        ``g_adv``, ``g_cls``, ``rec``, ``cyc``.
     """
-
-    def __init__(
-        self,
-        model: ModularGAN,
-        lr: float = 1e-4,
-        betas: Tuple[float, float] = (0.5, 0.999),
-        lambda_cls: float = 1.0,
-        lambda_rec: float = 10.0,
-        lambda_cyc: float = 10.0,
-        lambda_gp: float = 10.0,
-    ) -> None:
-        if not isinstance(model, ModularGAN):
-            raise TypeError(f"ModularGANTrainer: expected a ModularGAN, got {type(model).__name__}")
-        self.model = model
-        self.lambda_cls, self.lambda_rec, self.lambda_cyc, self.lambda_gp = lambda_cls, lambda_rec, lambda_cyc, lambda_gp
-        self.opt_g = torch.optim.Adam(list(model.generator_parameters()), lr=lr, betas=betas)
-        self.opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=betas)
-
-    def refresh_optimizer(self, lr: Optional[float] = None) -> None:
-        """Rebuild the generator optimiser, e.g. after ``swap_attention`` added parameters."""
-        lr = lr if lr is not None else self.opt_g.param_groups[0]["lr"]
-        betas = self.opt_g.param_groups[0]["betas"]
-        self.opt_g = torch.optim.Adam(list(self.model.generator_parameters()), lr=lr, betas=betas)
-
-    def random_target(self, labels: torch.Tensor) -> torch.Tensor:
-        """A random value per attribute and sample: ``(B, n_attr)`` long."""
-        return random_target(self.model, labels)
-
-    def step(
-        self, images: torch.Tensor, labels: torch.Tensor, target: Optional[torch.Tensor] = None
-    ) -> Dict[str, float]:
-        """One D and one G update on ``images`` ``(B, 3, S, S)`` with ``labels`` ``(B, n_attr)``.
-
-        Returns the losses as floats: ``d_loss``, ``d_adv``, ``d_cls``, ``gp``,
-        ``g_loss``, ``g_adv``, ``g_cls``, ``rec``, ``cyc``.
-        """
-        m = self.model
-        m._check_target(images, labels)
-        if target is None:
-            target = self.random_target(labels)
-        m._check_target(images, target)
-        m.train()
-
-        d_loss, d_parts = discriminator_losses(m, images, labels, target, self.lambda_cls, self.lambda_gp)
-        self.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.opt_d.step()
-
-        # Generator (D's gradients are computed but not applied).
-        g_loss, g_parts = generator_losses(m, images, target, self.lambda_cls, self.lambda_rec, self.lambda_cyc)
-        self.opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.opt_g.step()
-        m.discriminator.zero_grad(set_to_none=True)
-
-        out = dict(d_loss=d_loss, g_loss=g_loss, **d_parts, **g_parts)
-        return {k: float(v.detach()) for k, v in out.items()}
-
-
-# --------------------------------------------------------------------------
-# CelebA
-
-
-def _find(root: str, *candidates: str) -> Optional[str]:
-    for c in candidates:
-        p = os.path.join(root, c)
-        if os.path.exists(p):
-            return p
-    return None
-
-
-def read_celeba_attributes(path: str) -> Tuple[List[str], List[str], np.ndarray]:
-    """Parse ``list_attr_celeba.txt``: ``(attribute names, file names, values (N, 40) in {-1, 1})``."""
-    with open(path, "r") as f:
-        lines = [ln.split() for ln in f.read().splitlines()]
-    if len(lines) < 2:
-        raise ValueError(f"CelebA: {path} must start with a count line and an attribute-name line")
-    names = lines[1]
-    files, rows = [], []
-    for parts in lines[2:]:
-        if not parts:
-            continue
-        if len(parts) != len(names) + 1:
-            raise ValueError(f"CelebA: {path}: expected a file name and {len(names)} values, got {' '.join(parts)!r}")
-        files.append(parts[0])
-        rows.append([int(v) for v in parts[1:]])
-    values = np.asarray(rows, dtype=np.int64).reshape(len(rows), len(names))
-    return names, files, values
-
-
-class CelebA(Dataset):
-    """CelebA in its published layout, with chosen attributes.
-
-    ``root`` holds ``img_align_celeba/*.jpg`` and ``list_attr_celeba.txt``
-    (also found under ``Img/`` and ``Anno/``), and for ``split`` also
-    ``list_eval_partition.txt`` (``Eval/``; 0 train, 1 valid, 2 test).
-
-    Args:
-        root: data set folder.
-        attributes: each entry a binary attribute name (values 0 = -1 in the
-            file, 1 = 1), or a tuple of names forming one categorical
-            attribute (value = index of the one that is 1; images where not
-            exactly one is 1 are left out). Default: hair colour
-            (black/blond/brown), ``Male``, ``Smiling``.
-        image_size: output side ``S``.
-        crop_size: centre crop before resizing (178 for the aligned faces).
-        split: ``None`` (all), ``"train"``, ``"valid"`` or ``"test"``.
-        flip: random horizontal flips.
-
-    Items:
-        ``(image (3, S, S) float in [-1, 1], labels (n_attr,) long)``.
-    """
-
-    SPLITS = {"train": 0, "valid": 1, "test": 2}
-
-    def __init__(
-        self,
-        root: str,
-        attributes: Sequence[Union[str, Sequence[str]]] = MGAN_ATTRIBUTES,
-        image_size: int = 128,
-        crop_size: int = 178,
-        split: Optional[str] = None,
-        flip: bool = False,
-    ) -> None:
-        root = os.fspath(root)
-        attr_file = _find(root, "list_attr_celeba.txt", os.path.join("Anno", "list_attr_celeba.txt"))
-        img_dir = _find(root, "img_align_celeba", os.path.join("Img", "img_align_celeba"))
-        if attr_file is None or img_dir is None:
-            raise ValueError(f"CelebA: expected img_align_celeba/ and list_attr_celeba.txt in {root}")
-        names, files, values = read_celeba_attributes(attr_file)
-        col = {n: i for i, n in enumerate(names)}
-        specs = [(a,) if isinstance(a, str) else tuple(a) for a in attributes]
-        if not specs:
-            raise ValueError("CelebA: attributes must not be empty")
-        for spec in specs:
-            for n in spec:
-                if n not in col:
-                    raise ValueError(f"CelebA: unknown attribute {n!r}; the file has {names}")
-        keep = np.ones(len(files), dtype=bool)
-        labels = np.zeros((len(files), len(specs)), dtype=np.int64)
-        for j, spec in enumerate(specs):
-            pos = values[:, [col[n] for n in spec]] == 1
-            if len(spec) == 1:
-                labels[:, j] = pos[:, 0]
-            else:
-                keep &= pos.sum(1) == 1
-                labels[:, j] = pos.argmax(1)
-        if split is not None:
-            if split not in self.SPLITS:
-                raise ValueError(f"CelebA: split must be one of {list(self.SPLITS)} or None, got {split!r}")
-            part_file = _find(root, "list_eval_partition.txt", os.path.join("Eval", "list_eval_partition.txt"))
-            if part_file is None:
-                raise ValueError(f"CelebA: split={split!r} needs list_eval_partition.txt in {root}")
-            with open(part_file) as fh:
-                part = dict(ln.split() for ln in fh.read().splitlines() if ln.strip())
-            keep &= np.array([int(part.get(f, -1)) == self.SPLITS[split] for f in files], dtype=bool)
-        self.root = root
-        self.img_dir = img_dir
-        self.files = [f for f, k in zip(files, keep) if k]
-        self.labels = torch.from_numpy(labels[keep])
-        self.attribute_names = ["|".join(s) for s in specs]
-        self.num_values = [2 if len(s) == 1 else len(s) for s in specs]
-        self.image_size = image_size
-        self.crop_size = crop_size
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load_image(self, idx: int) -> torch.Tensor:
-        """Image ``idx`` centre-cropped, resized (and maybe flipped): ``(3, S, S)`` in ``[-1, 1]``."""
-        from PIL import Image
-
-        with Image.open(os.path.join(self.img_dir, self.files[idx])) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            c = min(self.crop_size, w, h)
-            left, top = (w - c) // 2, (h - c) // 2
-            im = im.crop((left, top, left + c, top + c)).resize((self.image_size,) * 2, Image.BILINEAR)
-            if self.flip and random.random() < 0.5:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            arr = np.asarray(im, dtype=np.float32)
-        return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
-
-    def __getitem__(self, idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.load_image(idx), self.labels[idx]
+    if not isinstance(model, ModularGAN):
+        raise TypeError(f"gan_step: expected a ModularGAN, got {type(model).__name__}")
+    model._check_target(images, labels)
+    target = random_target(model, labels) if target is None else target
+    model._check_target(images, target)
+    model.train()
+    d_loss, d_parts = discriminator_losses(model, images, labels, target, lambda_cls, lambda_gp)
+    update_d(d_loss)
+    g_loss, g_parts = generator_losses(model, images, target, lambda_cls, lambda_rec, lambda_cyc)
+    update_g(g_loss)
+    # The generator loss also filled D's gradients; D must not see them.
+    model.discriminator.zero_grad(set_to_none=True)
+    out = dict(d_loss=d_loss, g_loss=g_loss, **d_parts, **g_parts)
+    return {k: v.detach() for k, v in out.items()}

@@ -26,8 +26,8 @@ attended vector for ``san``), appends the one-hot query and predicts
 ``num_classes`` logits.
 
 ``swap_attention(model)`` on a ``ctx`` / ``noctx`` model replaces its
-:class:`LocalAttention` modules by ARNN ones (adapter ``"pan_local"``,
-registered when this module is imported).
+:class:`LocalAttention` modules by ARNN ones (adapter ``"pan_local"`` in
+:mod:`arnn_plugins.adapters.pan_local`).
 """
 
 from __future__ import annotations
@@ -39,14 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arnn import AttentionRNN, BlockAttentionRNN
-from ..gate import zero_init_attention
-from ..registry import register_adapter
+from ..checks import check_choice, check_image, check_int, check_odd_kernel, check_query
 
 __all__ = [
     "ATTENTION_KINDS",
     "PAN",
     "LocalAttention",
-    "LocalARNNAttention",
     "SoftAttention",
     "mask_correctness",
     "evaluate_pan",
@@ -72,8 +70,7 @@ class LocalAttention(nn.Module):
 
     def __init__(self, in_channels: int, query_channels: int, context_kernel: int = 3, hidden_channels: int = 32):
         super().__init__()
-        if not isinstance(context_kernel, int) or context_kernel < 1 or context_kernel % 2 == 0:
-            raise ValueError(f"LocalAttention: context_kernel must be an odd int >= 1, got {context_kernel!r}")
+        check_odd_kernel("LocalAttention", "context_kernel", context_kernel)
         self.in_channels = in_channels
         self.query_channels = query_channels
         self.context_kernel = context_kernel
@@ -87,33 +84,9 @@ class LocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w)``, ``(B, Q)`` -> ``(B, 1, h, w)``."""
-        _check_features(type(self).__name__, x, self.in_channels, query, self.query_channels)
+        check_features(type(self).__name__, x, self.in_channels, query, self.query_channels)
         hid = self.context(x) + self.query_proj(query.to(x.dtype))[:, :, None, None]
         return self.out(F.relu(hid))
-
-
-class LocalARNNAttention(LocalAttention):
-    """Local attention plus a zero-initialised AttentionRNN correction.
-
-    ``a = local(x, q) + arnn(x, q)``: the original local logits act as a
-    prior, so right after :func:`~arnn_plugins.swap_attention` (``mode=
-    "residual"``) the model computes exactly what it did. Parameter names of
-    the local part are unchanged, so checkpoints of the original model load
-    (only ``arnn.*`` keys are new).
-
-    Shape:
-        as :class:`LocalAttention`.
-    """
-
-    def __init__(self, in_channels: int, query_channels: int, context_kernel: int = 3,
-                 hidden_channels: int = 32, **arnn_kwargs) -> None:
-        super().__init__(in_channels, query_channels, context_kernel, hidden_channels)
-        arnn_kwargs.setdefault("query_channels", query_channels)
-        self.arnn = zero_init_attention(AttentionRNN(in_channels, **arnn_kwargs))
-
-    def forward(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)``, ``(B, Q)`` -> ``(B, 1, h, w)``."""
-        return super().forward(x, query) + self.arnn(x, query)
 
 
 class SoftAttention(nn.Module):
@@ -135,18 +108,14 @@ class SoftAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w)``, ``(B, Q)`` -> ``(B, 1, h, w)``."""
-        _check_features(type(self).__name__, x, self.in_channels, query, self.query_channels)
+        check_features(type(self).__name__, x, self.in_channels, query, self.query_channels)
         return self.out(torch.tanh(self.proj(x) + self.query_proj(query.to(x.dtype))[:, :, None, None]))
 
 
-def _check_features(layer: str, x, channels: int, query, query_channels: int) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{layer}: expected a floating point tensor of shape (B, {channels}, h, w)")
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"{layer}: expected input of shape (B, {channels}, h, w), got {tuple(x.shape)}")
-    if not isinstance(query, torch.Tensor) or query.shape != (x.shape[0], query_channels):
-        got = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
-        raise ValueError(f"{layer}: expected query of shape ({x.shape[0]}, {query_channels}), got {got}")
+def check_features(layer: str, x, channels: int, query, query_channels: int) -> None:
+    """Features ``(B, channels, h, w)`` and a query ``(B, query_channels)`` of a PAN attention layer."""
+    check_image(layer, x, channels, spatial="h, w")
+    check_query(layer, query, x.shape[0], query_channels)
 
 
 class PAN(nn.Module):
@@ -198,14 +167,11 @@ class PAN(nn.Module):
         arnn_kwargs: Optional[Dict] = None,
     ) -> None:
         super().__init__()
-        if attention not in ATTENTION_KINDS:
-            raise ValueError(f"PAN: attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        check_choice("PAN", "attention", attention, ATTENTION_KINDS)
         for name, v in (("num_classes", num_classes), ("num_queries", num_queries), ("num_stacks", num_stacks),
                         ("channels", channels), ("image_size", image_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"PAN: {name} must be a positive int, got {v!r}")
-        if readout not in ("flatten", "pool"):
-            raise ValueError(f"PAN: readout must be 'flatten' or 'pool', got {readout!r}")
+            check_int("PAN", name, v)
+        check_choice("PAN", "readout", readout, ("flatten", "pool"))
         sizes = []
         s = image_size
         for _ in range(num_stacks):
@@ -278,11 +244,11 @@ class PAN(nn.Module):
 
     def forward(self, image: torch.Tensor, query: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``(B, C, H, W)``, query -> ``(logits (B, K), [mask (B, 1, h, w), ...])``."""
-        expect = f"(B, {self.in_channels}, {self.image_size}, {self.image_size})"
-        if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-            raise TypeError(f"PAN: expected a floating point image tensor of shape {expect}")
-        if image.dim() != 4 or image.shape[1:] != (self.in_channels, self.image_size, self.image_size):
-            raise ValueError(f"PAN: expected image of shape {expect}, got {tuple(image.shape)}")
+        size = self.image_size
+        check_image("PAN", image, self.in_channels, "image", spatial=f"{size}, {size}")
+        if image.shape[2:] != (size, size):
+            raise ValueError(f"PAN: expected image of shape (B, {self.in_channels}, {size}, {size}), "
+                             f"got shape {tuple(image.shape)}")
         q = self.encode_query(query, image.device).to(image.dtype)
         if q.shape[0] != image.shape[0]:
             raise ValueError(f"PAN: got {image.shape[0]} images but {q.shape[0]} queries")
@@ -401,8 +367,7 @@ def train_pan(model: PAN, loader, epochs: int = 1, lr: float = 1e-3, device=None
     gives them (``image`` ``(B, 3, H, W)``, ``query`` ``(B,)``, ``answer``
     ``(B,)``). ``progress`` shows a tqdm bar per epoch.
     """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"train_pan: epochs must be a positive int, got {epochs!r}")
+    check_int("train_pan", "epochs", epochs)
     device = device or next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
@@ -424,37 +389,3 @@ def train_pan(model: PAN, loader, epochs: int = 1, lr: float = 1e-3, device=None
             count += logits.shape[0]
         history.append(total / max(count, 1))
     return history
-
-
-# -- swap adapter ---------------------------------------------------------------------
-
-
-def _match_local(module: nn.Module) -> bool:
-    # Exact type: an already swapped LocalARNNAttention is not swapped again.
-    return type(module) is LocalAttention
-
-
-def _build_local(module: LocalAttention, mode: str = "residual", **arnn_kwargs) -> nn.Module:
-    if mode == "replace":
-        arnn_kwargs.setdefault("query_channels", module.query_channels)
-        new = AttentionRNN(module.in_channels, **arnn_kwargs)
-    else:
-        new = LocalARNNAttention(
-            module.in_channels, module.query_channels, module.context_kernel, module.hidden_channels, **arnn_kwargs
-        )
-        # Only the ARNN's keys are new, so copy the rest over as is.
-        missing, unexpected = new.load_state_dict(module.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("arnn.") for k in missing):
-            raise RuntimeError(f"pan_local: could not carry over LocalAttention weights ({missing}, {unexpected})")
-    return new
-
-
-register_adapter(
-    "pan_local",
-    kind="swap",
-    match=_match_local,
-    build=_build_local,
-    description="PAN local attention (ctx / noctx) -> query-conditioned AttentionRNN",
-    host="arnn_plugins.models.pan",
-    override=True,
-)

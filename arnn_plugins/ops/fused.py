@@ -1,8 +1,9 @@
-"""``backend="fused"``: the diagonal LSTM scan with a hand-written backward.
+"""The anti-diagonal PyTorch scan with a hand-written backward (``backend="fused"``).
 
-On CPU the work goes to a small compiled kernel (:mod:`arnn_plugins.cpu_kernel`)
-when a C compiler is there; the PyTorch path below is the fallback and the
-GPU path. Same math as :func:`arnn_plugins.scan.reference_scan`, organised for speed:
+This is the fused backend's GPU path and its CPU fallback; on CPU
+:func:`arnn_plugins.ops.fused_scan` prefers the C kernel of
+:mod:`arnn_plugins.ops.cpu_kernel` when it builds. Same math as
+:func:`arnn_plugins.ops.reference.reference_scan`, organised for speed:
 
 - the input part of the gates is reordered once, by one gather, into
   anti-diagonal order (step ``k`` holds the cells ``i + j = k``, rows
@@ -23,10 +24,7 @@ from typing import List, Tuple
 
 import torch
 
-from . import cpu_kernel
-from .scan import register_backend
-
-__all__ = ["fused_scan", "fused_scan_torch"]
+__all__ = ["fused_scan_torch"]
 
 
 @lru_cache(maxsize=64)
@@ -149,20 +147,13 @@ class _FusedScan(torch.autograd.Function):
 
 
 def fused_scan_torch(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
-    """The anti-diagonal PyTorch scan with hand-written backward (any device)."""
-    return _FusedScan.apply(gx, weight_hh)
+    """The anti-diagonal PyTorch scan with hand-written backward (any device).
 
+    Args:
+        gx: ``(B, D, 4t, H, W)`` gate inputs, gate order ``[o, f, i, g]``.
+        weight_hh: ``(D, 4t, t, 2)`` recurrent kernel, same dtype and device.
 
-def fused_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
-    """Fused diagonal LSTM scan; shapes as in :func:`arnn_plugins.scan.diagonal_lstm`.
-
-    On CPU it runs the compiled raster-order kernel of
-    :mod:`arnn_plugins.cpu_kernel` when that is available, else (and on
-    other devices) :func:`fused_scan_torch`.
+    Returns:
+        ``(B, D, t, H, W)`` hidden states, stored channels-last.
     """
-    if gx.device.type == "cpu" and cpu_kernel.available():
-        return cpu_kernel.c_scan(gx, weight_hh)
     return _FusedScan.apply(gx, weight_hh)
-
-
-register_backend("fused", fused_scan)

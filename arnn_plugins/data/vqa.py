@@ -19,6 +19,9 @@ Image features, one ``(C, H, W)`` array per image (e.g. ResNet-152 ``res5c``,
 - one ``.pt`` file holding a dict ``{image_id: tensor}`` (int or str keys);
 - one ``.npz`` file whose keys are image ids (or names ending in them);
 - an in-memory dict ``{image_id: tensor or array}``.
+
+:func:`vqa_accuracy` is the official VQA evaluation's per-question accuracy,
+answer normalisation included.
 """
 
 from __future__ import annotations
@@ -33,15 +36,24 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .mcb import normalize_answer, vqa_accuracy
-
-__all__ = ["QuestionTokenizer", "VQADataset", "build_answer_vocab", "load_vqa_features"]
+__all__ = [
+    "QuestionTokenizer",
+    "VQADataset",
+    "build_answer_vocab",
+    "load_vqa_features",
+    "load_vqa_json",
+    "normalize_answer",
+    "process_digit_article",
+    "process_punctuation",
+    "vqa_accuracy",
+]
 
 PathOrData = Union[str, os.PathLike, dict]
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
 
 
-def _load_json(obj: PathOrData, key: str) -> list:
+def load_vqa_json(obj: PathOrData, key: str) -> list:
+    """The ``key`` list (``"questions"`` / ``"annotations"``) of a VQA JSON file or of its loaded dict."""
     if isinstance(obj, (str, os.PathLike)):
         with open(obj, "r", encoding="utf-8") as f:
             obj = json.load(f)
@@ -194,10 +206,10 @@ class VQADataset(Dataset):
         tokenizer=None,
         max_question_len: int = 14,
     ) -> None:
-        self.questions = _load_json(questions, "questions")
+        self.questions = load_vqa_json(questions, "questions")
         self.annotations: Optional[Dict[int, dict]] = None
         if annotations is not None:
-            anns = _load_json(annotations, "annotations")
+            anns = load_vqa_json(annotations, "annotations")
             self.annotations = {a["question_id"]: a for a in anns}
             missing = [q["question_id"] for q in self.questions if q["question_id"] not in self.annotations]
             if missing:
@@ -253,3 +265,117 @@ class VQADataset(Dataset):
                     scores[self.answer_index[cand]] = vqa_accuracy(cand, humans, strict=False)
             item["answer_scores"] = scores
         return item
+
+
+# --------------------------------------------------------------------------
+# Official VQA accuracy (github.com/GT-Vision-Lab/VQA, vqaEval.py)
+
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_ARTICLES = ("a", "an", "the")
+# Kept byte for byte from the official code, including its "(?!<=\d)" (meant
+# as a look-behind; in effect it drops every period not followed by a digit).
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+
+
+def process_punctuation(text: str) -> str:
+    """The official ``processPunctuation``: drop or space out punctuation, strip sentence periods."""
+    out = text
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out)
+
+
+def process_digit_article(text: str) -> str:
+    """The official ``processDigitArticle``: lowercase, number words to digits, no articles, contractions."""
+    words = []
+    for word in text.lower().split():
+        word = _NUMBERS.get(word, word)
+        if word not in _ARTICLES:
+            words.append(word)
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_answer(text: str) -> str:
+    """Full official normalisation of one answer string (whitespace, punctuation, digits, articles)."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(text))
+
+
+def vqa_accuracy(prediction: str, human_answers: Sequence, strict: bool = True) -> float:
+    """Official VQA accuracy of one predicted answer against the (10) human answers.
+
+    ``acc = mean over the leave-one-out subsets of min(#matches among the
+    other humans / 3, 1)``: with 10 humans, 1 match gives 0.3, 2 give 0.6, 3
+    give 0.9 and 4 or more give 1.0.
+
+    Args:
+        prediction: the predicted answer string.
+        human_answers: the human answers, as strings or as the annotation
+            dicts ``{"answer": ...}`` (10 in VQA; any number >= 1 is accepted).
+        strict: follow ``vqaEval.py`` of the official VQA toolkit exactly:
+            the prediction is stripped, then punctuation, number words,
+            articles and contractions are normalised; the human answers (which
+            the released annotations already store normalised) only get the
+            punctuation step, and only when the humans disagree.
+            ``strict=False`` fully normalises the human answers too (for
+            annotations that were not normalised beforehand).
+
+    Returns:
+        Accuracy in ``[0, 1]``.
+    """
+    if not isinstance(prediction, str):
+        raise TypeError(f"vqa_accuracy: prediction must be a str, got {type(prediction).__name__}")
+    answers = [a["answer"] if isinstance(a, dict) else a for a in human_answers]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError("vqa_accuracy: human_answers must be a non-empty sequence of strings or {'answer': str} dicts")
+    pred = normalize_answer(prediction)
+    if not strict:
+        answers = [normalize_answer(a) for a in answers]
+    elif len(set(answers)) > 1:
+        answers = [process_punctuation(a) for a in answers]
+    accs = []
+    # Leave out one human at a time (by position: the official code compares
+    # annotation dicts, whose answer_id makes every human distinct).
+    for i in range(len(answers)):
+        others = answers[:i] + answers[i + 1:]
+        accs.append(min(1.0, sum(a == pred for a in others) / 3.0))
+    return sum(accs) / len(accs)

@@ -23,10 +23,12 @@ same way (the gradient arriving from the cell below is read back from the
 sequential dependency, so it is a batched matmul after the kernel rather
 than eight more small products inside the serial loop.
 
-Importing this module registers the backend only when Triton imports; kernels
-run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
+This module only defines the kernels; :mod:`arnn_plugins.ops` registers
+:func:`triton_scan` as ``backend="triton"`` when Triton imports. Kernels run
+on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
 interpreter, used by the tests). ``TRITON_INTERPRET`` is read when the kernels
-are decorated, i.e. when this module is first imported.
+are decorated, i.e. when this module is first imported, which importing
+``arnn_plugins`` (or ``arnn_plugins.ops``) does: set it before that.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ from torch.autograd.function import once_differentiable
 try:
     import triton
     import triton.language as tl
-except ImportError:  # Triton is optional: without it the backend is not registered.
+except ImportError:  # Triton is optional: without it arnn_plugins.ops does not register the backend.
     triton = None
     tl = None
 
-__all__ = ["HAS_TRITON", "benchmark", "triton_scan", "triton_scan_supported"]
+__all__ = ["HAS_TRITON", "triton_scan", "triton_scan_supported"]
 
 HAS_TRITON = triton is not None
 
@@ -438,7 +440,7 @@ def triton_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(B, D, t, H, W)`` hidden states (a view of a channels-last buffer),
-        equal to :func:`arnn_plugins.scan.reference_scan` up to rounding.
+        equal to :func:`arnn_plugins.ops.reference.reference_scan` up to rounding.
     """
     _check(gx, weight_hh)
     b, d, g4, h, w = gx.shape
@@ -450,48 +452,3 @@ def triton_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
     hid, _, _ = _forward(gx, weight_hh, save=False)
     return hid.permute(0, 1, 4, 2, 3)
 
-
-def benchmark(b: int = 64, h: int = 56, w: int = 56, t: int = 16, repeats: int = 20) -> dict:
-    """Milliseconds per forward+backward on the current CUDA device.
-
-    Times the bare scan (``gx`` ``(B, 2, 4t, H, W)``) and a whole
-    :class:`~arnn_plugins.AttentionRNN` on ``(B, 16, H, W)`` input, with this
-    backend and with the reference one (the latter once: it is slow).
-    """
-    from .arnn import AttentionRNN
-    from .scan import reference_scan
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("AttentionRNN triton benchmark: needs a CUDA device")
-
-    def timed(fn, n):
-        fn()
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        stop.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(stop) / n
-
-    gx = torch.randn(b, 2, 4 * t, h, w, device="cuda", requires_grad=True)
-    weight = (torch.randn(2, 4 * t, t, 2, device="cuda") * t ** -0.5).requires_grad_()
-    x = torch.randn(b, 16, h, w, device="cuda")
-    out = {}
-    for name, scan in (("triton", triton_scan), ("reference", reference_scan)):
-        n = repeats if name == "triton" else 1
-        out[f"scan_{name}_ms"] = timed(lambda: scan(gx, weight).sum().backward(), n)
-        layer = AttentionRNN(16, hidden_channels=t, backend=name).cuda()
-        out[f"layer_{name}_ms"] = timed(lambda: layer(x).sum().backward(), n)
-    return out
-
-
-if HAS_TRITON:
-    from .scan import register_backend
-
-    register_backend("triton", triton_scan)
-
-
-if __name__ == "__main__":
-    print(benchmark())

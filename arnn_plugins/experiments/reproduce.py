@@ -16,223 +16,24 @@ spread (sample standard deviation) over seeds. :data:`SCALES` sets the sizes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import os.path as osp
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = [
-    "Scale",
-    "SCALES",
-    "TABLE1_KINDS",
-    "INVERSE_KINDS",
-    "KIND_NAMES",
-    "pan_config",
-    "run_pan",
-    "query_blind_accuracy",
-    "uniform_mask_correctness",
-    "reproduce",
-    "format_tables",
-]
+from .recipes import KIND_NAMES, PAPER, SCALES, Scale, pan_config, run_pan
 
-TABLE1_KINDS = ("san", "noctx", "ctx", "arnn", "arnn_ind", "arnn_sample")
-INVERSE_KINDS = ("noctx", "ctx", "arnn")
-KIND_NAMES = {"san": "SAN", "noctx": "-CTX", "ctx": "CTX", "arnn": "ARNN", "arnn_ind": "ARNN_ind",
-              "arnn_sample": "ARNN~", "none": "NONE", "brnn": "BRNN"}
-# The paper's numbers (Tables 1-2 and the inverse experiment), for the report.
-PAPER = {
-    "table1": {"san": (83.42, 80.06, 58.07), "noctx": (95.69, 89.92, 69.33), "ctx": (98.00, 95.37, 80.32),
-               "arnn_sample": (98.65, 96.20, 85.18), "arnn_ind": (98.39, 95.32, 80.00),
-               "arnn": (98.72, 96.70, 87.38)},
-    "correctness": {"san": 0.15, "noctx": 0.28, "ctx": 0.31, "arnn_sample": 0.36, "arnn_ind": 0.34, "arnn": 0.42},
-    "inverse": {"noctx": (40.15, 0.20), "ctx": (66.37, 0.24), "arnn": (72.77, 0.39)},
-}
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Sizes of one reproduction setting."""
-
-    size: int  # image side in pixels
-    n_train: int
-    n_test: int
-    iters: int  # training iterations per run
-    batch: int
-    seeds: Tuple[int, ...]
-    lr: float = 2e-3
-    hidden: int = 16  # ARNN LSTM width (local attention uses twice this)
-    channels: int = 32
-    num_stacks: int = 4
-    batch_norm: bool = True  # BatchNorm after each conv: much faster start on short CPU budgets
-    num_digits: Tuple[int, int] = (5, 9)  # digits per image (the paper: 5-9)
-    scale_range: Tuple[float, float] = (0.5, 3.0)  # digit scales (the paper: 0.5-3.0)
-    readout: str = "flatten"  # PAN head: "flatten" or "pool" (mask-weighted average)
-    variants: Tuple[str, ...] = ("mref", "mdist", "mbg")
-    kinds: Tuple[str, ...] = TABLE1_KINDS
-    inverse_kinds: Tuple[str, ...] = INVERSE_KINDS
-    note: str = ""
-
-
-SCALES: Dict[str, Scale] = {
-    "tiny": Scale(size=32, n_train=32, n_test=16, iters=2, batch=8, seeds=(0, 1), hidden=4, channels=8,
-                  num_stacks=3, variants=("mref", "mbg"), kinds=("san", "ctx", "arnn"), inverse_kinds=("ctx", "arnn"),
-                  note="plumbing check only (a few runs of 2 steps); numbers mean nothing"),
-    "small": Scale(size=48, n_train=20000, n_test=1000, iters=1000, batch=32, seeds=(0, 1), num_digits=(2, 3),
-                   scale_range=(1.5, 3.0), readout="pool",
-                   note="48 px images with 2-3 large digits (scales 1.5-3.0; 5-9 digits at 0.5-3.0 do not "
-                        "learn in a CPU budget), 20k training items, 1000 iterations of 32, mask-weighted "
-                        "pooled readout: about an hour on 2 CPU cores with --jobs 2"),
-    "long": Scale(size=48, n_train=20000, n_test=1000, iters=2500, batch=32, seeds=(0, 1, 2), num_digits=(2, 3),
-                  scale_range=(1.5, 3.0), readout="pool", variants=("mbg",),
-                  note="the small layout on MBG only (Table 1's MBG column, Table 2, the inverse task), trained "
-                       "2500 iterations: long enough for models to leave the query-blind level; about 90 minutes "
-                       "on 2 CPU cores with --jobs 2"),
-    "full": Scale(size=100, n_train=30000, n_test=10000, iters=14000, batch=32, seeds=(0, 1, 2), lr=1e-3,
-                  note="the paper's image and data set sizes (30k / 10k), 15 epochs; for a GPU"),
-}
-
-
-def pan_config(attention: str, *, variant: str = "mbg", task: str = "color", size: int = 64, n_train: int = 3000,
-               n_val: int = 0, n_test: int = 500, iters: int = 240, batch: int = 32, lr: float = 2e-3,
-               seed: int = 0, data_seed: int = 0, hidden: int = 16, channels: int = 32, num_stacks: int = 4,
-               batch_norm: bool = True, num_digits: Optional[Tuple[int, int]] = None,
-               scale_range: Optional[Tuple[float, float]] = None, readout: str = "flatten",
-               work_dir: str = "work_dirs/pan", cache_dir: Optional[str] = "default",
-               progress: bool = True,
-               desc: Optional[str] = None, log_level: str = "ERROR", checkpoint: bool = True):
-    """An mmengine config (as in ``configs/pan_mbg_arnn.py``) for one PAN run.
-
-    ``num_digits`` / ``scale_range`` (``None``: the data set's defaults,
-    5-9 digits at scales 0.5-3.0) shape the images; ``readout`` is PAN's head
-    (``"flatten"`` or ``"pool"``). ``n_val = 0`` trains without validation; the test split (``n_test``
-    items) is what :func:`run_pan` reports. ``progress`` adds a
-    :class:`~arnn_plugins.engine.ProgressBarHook` (tqdm, with ETA).
-    """
-    from mmengine.config import Config
-
-    data = dict(type="MultiDigitTensors", variant=variant, task=task, size=size, seed=data_seed, cache_dir=cache_dir)
-    if num_digits is not None:
-        data["num_digits"] = tuple(num_digits)
-    if scale_range is not None:
-        data["scale_range"] = tuple(scale_range)
-    loader = dict(num_workers=0, collate_fn=dict(type="default_collate"))
-    nq, nc = (10, 5) if task == "color" else (5, 10)
-    warm = max(1, min(20, iters // 10))
-    cfg = dict(
-        custom_imports=dict(imports=["arnn_plugins.engine"], allow_failed_imports=False),
-        work_dir=work_dir,
-        model=dict(type="PANModel", attention=attention, image_size=size, num_classes=nc, num_queries=nq,
-                   hidden_channels=hidden, channels=channels, num_stacks=num_stacks, batch_norm=batch_norm,
-                   readout=readout),
-        train_dataloader=dict(loader, batch_size=batch, sampler=dict(type="InfiniteSampler", shuffle=True),
-                              dataset=dict(data, split="train", length=n_train)),
-        train_cfg=dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters),
-        test_dataloader=dict(loader, batch_size=64, sampler=dict(type="DefaultSampler", shuffle=False),
-                             dataset=dict(data, split="test", length=n_test)),
-        test_cfg=dict(type="TestLoop"),
-        test_evaluator=dict(type="PANMetric"),
-        optim_wrapper=dict(type="OptimWrapper", optimizer=dict(type="Adam", lr=lr), clip_grad=dict(max_norm=5.0)),
-        param_scheduler=[
-            dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=warm),
-            dict(type="CosineAnnealingLR", by_epoch=False, begin=warm, end=max(iters, warm + 1), eta_min=lr / 20),
-        ],
-        default_hooks=dict(
-            timer=dict(type="IterTimerHook"),
-            logger=dict(type="LoggerHook", interval=max(1, iters // 10)),
-            param_scheduler=dict(type="ParamSchedulerHook"),
-            checkpoint=dict(type="CheckpointHook", interval=iters if checkpoint else -1, by_epoch=False,
-                            max_keep_ckpts=1),
-            sampler_seed=dict(type="DistSamplerSeedHook"),
-        ),
-        custom_hooks=[dict(type="ProgressBarHook", desc=desc or f"{variant} {attention}", enabled=progress)],
-        log_processor=dict(by_epoch=False, window_size=max(1, min(20, iters // 10))),
-        log_level=log_level,
-        randomness=dict(seed=seed),
-        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
-        default_scope=None,
-    )
-    if n_val:
-        cfg.update(
-            val_dataloader=dict(loader, batch_size=64, sampler=dict(type="DefaultSampler", shuffle=False),
-                                dataset=dict(data, split="val", length=n_val)),
-            val_cfg=dict(type="ValLoop"),
-            val_evaluator=dict(type="PANMetric"),
-        )
-    return Config(cfg)
-
-
-def run_pan(cfg, device: Optional[str] = None, amp: bool = False):
-    """Train then test one config; returns ``(metrics, runner)``.
-
-    ``metrics`` has the test metrics without the ``pan/`` prefix
-    (``accuracy``, ``correctness``, ``acc_scale_*``) plus ``sec_per_step``
-    (median training step), ``train_s`` and ``iters``.
-    """
-    from .engine import ProgressBarHook, build_runner, checkpoint_loading
-
-    runner = build_runner(cfg, device=device, amp=amp)
-    t0 = time.perf_counter()
-    with checkpoint_loading():
-        runner.train()
-    train_s = time.perf_counter() - t0
-    with checkpoint_loading():
-        test = runner.test()
-    metrics = {k.split("/", 1)[-1]: float(v) for k, v in test.items()}
-    hook = next((h for h in runner.hooks if isinstance(h, ProgressBarHook)), None)
-    metrics["sec_per_step"] = hook.seconds_per_step() if hook else float("nan")
-    metrics["train_s"] = train_s
-    metrics["iters"] = runner.iter
-    return metrics, runner
-
-
-def query_blind_accuracy(dataset) -> float:
-    """Expected accuracy of the best answer that looks at the image but not the query.
-
-    The target is one of the image's digits at random, so without the query
-    the best colour answer is the colour most digits share (ties split), and
-    the best digit answer (inverse task, digits of distinct classes) is any
-    of the ``n`` digits, right ``1 / n`` of the time. This is the level a
-    model reaches before its attention follows the query.
-
-    Args:
-        dataset: a :class:`~arnn_plugins.data.MultiDigitDataset`.
-    """
-    import numpy as np
-
-    total = 0.0
-    for i in range(len(dataset)):
-        s = dataset.sample(i)
-        if dataset.task == "color":
-            counts = np.bincount(s.colours, minlength=int(s.colours.max()) + 1)
-            best = np.flatnonzero(counts == counts.max())
-            total += float(s.colours[s.target] in best) / len(best)
-        else:
-            total += 1.0 / len(s.classes)
-    return total / max(len(dataset), 1)
-
-
-def uniform_mask_correctness(dataset) -> float:
-    """Mask correctness of a uniform mask: the target digit's mean share of the image.
-
-    The level attention starts from; a mask scores above it only where it
-    weights the queried digit more than the rest of the image.
-
-    Args:
-        dataset: a :class:`~arnn_plugins.data.MultiDigitDataset`.
-    """
-    total = 0.0
-    for i in range(len(dataset)):
-        total += float(dataset.sample(i).mask.mean())
-    return total / max(len(dataset), 1)
+__all__ = ["reproduce", "format_tables"]
 
 
 def _baselines(sc: "Scale", plan) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Query-blind accuracy and uniform-mask correctness per ``group/variant/seed`` test set of the plan."""
-    from .data import MultiDigitDataset
+    from ..data import MultiDigitDataset, query_blind_accuracy, uniform_mask_correctness
 
     acc, corr = {}, {}
     for group, variant, _, seed, task in plan:
@@ -373,8 +174,10 @@ _PLAN_FIELDS = ("note", "seeds", "variants", "kinds", "inverse_kinds")
 
 
 def _settings(scale: dict) -> dict:
-    # Compared as JSON gives them back (tuples as lists).
-    return {k: v for k, v in json.loads(json.dumps(scale)).items() if k not in _PLAN_FIELDS}
+    # Compared as JSON gives them back (tuples as lists); fields a results
+    # file predates take their defaults.
+    defaults = {f.name: f.default for f in fields(Scale) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in json.loads(json.dumps({**defaults, **scale})).items() if k not in _PLAN_FIELDS}
 
 
 def _run_key(run: dict) -> Tuple[str, str, str, int]:
@@ -428,10 +231,7 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
     for n, (group, variant, kind, seed, task) in enumerate(todo, 1):
         tag = f"[{n}/{len(todo)}] {group} {variant} {KIND_NAMES[kind]} seed {seed}"
         cfg = pan_config(
-            kind, variant=variant, task=task, size=sc.size, n_train=sc.n_train, n_test=sc.n_test, iters=sc.iters,
-            batch=sc.batch, lr=sc.lr, seed=1000 + seed, data_seed=seed, hidden=sc.hidden, channels=sc.channels,
-            num_stacks=sc.num_stacks, batch_norm=sc.batch_norm, num_digits=sc.num_digits,
-            scale_range=sc.scale_range, readout=sc.readout,
+            kind, sc, variant=variant, task=task, seed=1000 + seed, data_seed=seed,
             work_dir=osp.join(out, "runs", f"{group}_{variant}_{kind}_s{seed}"),
             cache_dir=cache_dir, progress=progress and jobs == 1, desc=tag, checkpoint=False,
         )
@@ -457,7 +257,7 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
 
         # Data first, in this process: workers then only read the cache.
         if cache_dir is not None:
-            from .engine import MultiDigitTensors
+            from ..engine.pan import MultiDigitTensors
 
             seen = set()
             for _, _, cfg in configs:

@@ -10,6 +10,14 @@ noisy machine:
 2. a timm ResNet18+CBAM train step with CBAM's spatial branch replaced by
    ARNN, against the same model with CBAM and without attention.
 
+:func:`bench_scan` times the bare scan (:func:`arnn_plugins.ops.diagonal_lstm`)
+the same way, without the layer's convolutions around it.
+
+The naive peer is handed to the layer as a callable ``backend``, never
+registered: running a benchmark leaves :func:`arnn_plugins.ops.available_backends`
+as it was. Each row also records how far the backend's forward output is
+from the reference backend's on the same input and weights.
+
 Times are medians over repeats. Memory, measured once per case: what the
 forward leaves allocated for the backward ("held") and the peak during the
 backward, both from the level before the forward (CUDA allocator counters;
@@ -31,10 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .arnn import AttentionRNN
-from .scan import available_backends, register_backend
+from ..arnn import AttentionRNN
+from ..ops import available_backends, diagonal_lstm
 
-__all__ = ["naive_scan", "memory_mb", "bench_layer", "bench_resnet", "format_table", "run"]
+__all__ = ["naive_scan", "memory_mb", "bench_layer", "bench_scan", "bench_resnet", "format_table", "run"]
 
 
 def naive_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
@@ -42,8 +50,10 @@ def naive_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
 
     Per-row Python loops to skew and unskew, ``F.conv1d`` with a 2x1 kernel
     over the previous column, autograd through every step, no masking of
-    padding cells. Same signature as the registered backends; used only by
-    the benchmark.
+    padding cells (they stay zero anyway: a zero gate input with zero
+    neighbours gives a zero state). Same signature as the registered
+    backends, ``(B, D, 4t, H, W), (D, 4t, t, 2) -> (B, D, t, H, W)``; the
+    benchmark passes it as a callable ``backend``.
     """
     b, d, g4, h, w = gx.shape
     t = g4 // 4
@@ -83,6 +93,7 @@ class Row:
     peak_mb: float  # peak during the backward, from the same level
     ratio: Optional[float] = None
     vs_naive: Optional[float] = None
+    max_err: Optional[float] = None  # max |forward output - reference backend's|, same input and weights
 
 
 def _sync(device: torch.device) -> None:
@@ -132,7 +143,7 @@ def _quiet_fd2():
         os.close(saved)
 
 
-_MARK = "arnn_plugins.bench.backward"
+_MARK = "arnn_plugins.experiments.bench.backward"
 
 
 def _cpu_allocations(fn: Callable[[], None]) -> Tuple[List[tuple], Optional[int]]:
@@ -203,6 +214,27 @@ def memory_mb(forward: Callable[[], torch.Tensor], device: torch.device) -> Tupl
     return held / 2**20, max(peak, held) / 2**20
 
 
+# Peers that are not backends: passed to the layer or the scan as callables,
+# so a benchmark never changes the global registry.
+_PEERS: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"naive": naive_scan}
+
+
+def _default_backends(dev: torch.device) -> List[str]:
+    """The naive peer, reference and fused, plus triton on CUDA when it is registered."""
+    triton = ["triton"] if dev.type == "cuda" and "triton" in available_backends() else []
+    return ["naive", "reference", "fused"] + triton
+
+
+def _with_ratios(rows: List[Row]) -> List[Row]:
+    """Fill each row's ratio ``reference / row`` and ``naive / row`` (forward+backward), when measured."""
+    ref = next((r for r in rows if r.name == "reference"), None)
+    naive = next((r for r in rows if r.name == "naive"), None)
+    for r in rows:
+        r.ratio = ref.fwdbwd_ms / r.fwdbwd_ms if ref else None
+        r.vs_naive = naive.fwdbwd_ms / r.fwdbwd_ms if naive else None
+    return rows
+
+
 def bench_layer(
     batch: int = 32,
     channels: int = 64,
@@ -215,20 +247,25 @@ def bench_layer(
 ) -> List[Row]:
     """Time AttentionRNN forward and forward+backward per backend.
 
-    Returns rows named by backend with the ratio ``reference / backend`` of
-    the forward+backward time (how many times faster than the reference).
+    Input ``(batch, channels, size, size)``. ``backends`` are registered
+    names or ``"naive"`` (:func:`naive_scan`); by default the naive peer, the
+    reference, fused and, on CUDA, triton. Returns rows named by backend
+    with the ratio ``reference / backend`` of the forward+backward time (how
+    many times faster than the reference) and ``max_err`` against the
+    reference backend's output.
     """
     dev = torch.device(device)
-    register_backend("naive", naive_scan)
     if backends is None:
-        backends = ["naive", "reference", "fused"] + (["triton"] if dev.type == "cuda" and "triton" in available_backends() else [])
+        backends = _default_backends(dev)
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size, device=dev)
     xg = x.clone().requires_grad_(True)
-    base = AttentionRNN(channels, hidden_channels=hidden).to(dev)
-    fwd, fwdbwd, mem = {}, {}, {}
+    base = AttentionRNN(channels, hidden_channels=hidden, backend="reference").to(dev)
+    with torch.no_grad():
+        want = base(x)
+    fwd, fwdbwd, mem, err = {}, {}, {}, {}
     for name in backends:
-        m = AttentionRNN(channels, hidden_channels=hidden, backend=name).to(dev)
+        m = AttentionRNN(channels, hidden_channels=hidden, backend=_PEERS.get(name, name)).to(dev)
         m.load_state_dict(base.state_dict())
 
         def f(m=m):
@@ -240,17 +277,63 @@ def bench_layer(
             m(xg).sum().backward()
 
         fwd[f"{name} fwd"], fwdbwd[f"{name} fwd+bwd"] = f, fb
+        err[name] = (f().float() - want.float()).abs().max().item()
         mem[name] = memory_mb(lambda m=m: m(xg), dev)
         m.zero_grad(set_to_none=True)
         xg.grad = None
     ms = _interleaved_medians({**fwd, **fwdbwd}, dev, repeats, progress)
-    rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} fwd+bwd"], *mem[n]) for n in backends]
-    ref = next((r for r in rows if r.name == "reference"), None)
-    naive = next((r for r in rows if r.name == "naive"), None)
-    for r in rows:
-        r.ratio = ref.fwdbwd_ms / r.fwdbwd_ms if ref else None
-        r.vs_naive = naive.fwdbwd_ms / r.fwdbwd_ms if naive else None
-    return rows
+    return _with_ratios([Row(n, ms[f"{n} fwd"], ms[f"{n} fwd+bwd"], *mem[n], max_err=err[n]) for n in backends])
+
+
+def bench_scan(
+    batch: Optional[int] = None,
+    size: Optional[int] = None,
+    hidden: int = 16,
+    device: str = "cpu",
+    backends: Optional[List[str]] = None,
+    repeats: int = 3,
+    progress: Optional[Callable[[str], None]] = None,
+) -> List[Row]:
+    """Time the bare scan, :func:`~arnn_plugins.ops.diagonal_lstm`, per backend.
+
+    ``gx`` is ``(batch, 2, 4 * hidden, size, size)`` in the layout the
+    layer's input projection writes (gates innermost), ``weight_hh``
+    ``(2, 4 * hidden, hidden, 2)``; defaults: batch 64 at 56x56 on CUDA, 8 at
+    32x32 on CPU. ``backends`` as in :func:`bench_layer`. Rows as there:
+    forward (no grad) and forward+backward milliseconds, memory, the ratio
+    ``reference / backend`` and ``max_err`` against the reference scan.
+    """
+    dev = torch.device(device)
+    batch = batch or (64 if dev.type == "cuda" else 8)
+    size = size or (56 if dev.type == "cuda" else 32)
+    if backends is None:
+        backends = _default_backends(dev)
+    torch.manual_seed(0)
+    t = hidden
+    leaf = torch.randn(2, batch, size, size, 4 * t, device=dev).requires_grad_(True)
+    gx = leaf.permute(1, 0, 4, 2, 3)  # (B, 2, 4t, H, W), gates innermost
+    weight = (torch.randn(2, 4 * t, t, 2, device=dev) * t ** -0.5).requires_grad_(True)
+    with torch.no_grad():
+        want = diagonal_lstm(gx, weight, "reference")
+    fwd, fwdbwd, mem, err = {}, {}, {}, {}
+    for name in backends:
+        backend = _PEERS.get(name, name)
+
+        def f(backend=backend):
+            with torch.no_grad():
+                return diagonal_lstm(gx, weight, backend)
+
+        def fb(backend=backend):
+            leaf.grad = weight.grad = None
+            diagonal_lstm(gx, weight, backend).sum().backward()
+
+        fwd[f"{name} fwd"], fwdbwd[f"{name} fwd+bwd"] = f, fb
+        err[name] = (f() - want).abs().max().item()
+        mem[name] = memory_mb(lambda backend=backend: diagonal_lstm(gx, weight, backend), dev)
+        leaf.grad = weight.grad = None
+    ms = _interleaved_medians({**fwd, **fwdbwd}, dev, repeats, progress)
+    return _with_ratios([Row(n, ms[f"{n} fwd"], ms[f"{n} fwd+bwd"], *mem[n], max_err=err[n]) for n in backends])
+
 
 
 def bench_resnet(
@@ -268,7 +351,7 @@ def bench_resnet(
     """
     import timm
 
-    from .registry import swap_attention
+    from ..registry import swap_attention
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -326,8 +409,11 @@ def format_table(title: str, rows: List[Row], ratio_label: str, step_label: str 
 
 
 def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool = True,
-        batch: Optional[int] = None, amp: bool = False, size: Optional[int] = None) -> str:
-    """Run the benchmarks with a progress bar; returns the markdown tables."""
+        batch: Optional[int] = None, amp: bool = False, size: Optional[int] = None, scan: bool = False) -> str:
+    """Run the benchmarks with a progress bar; returns the markdown tables.
+
+    ``scan=True`` adds a table of the bare scan (:func:`bench_scan`) first.
+    """
     from tqdm import tqdm
 
     dev = torch.device(device)
@@ -337,6 +423,12 @@ def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool 
             bar.update(1)
             bar.set_postfix_str(msg)
 
+        if scan:
+            s = size or (56 if dev.type == "cuda" else 32)
+            b = batch or (64 if dev.type == "cuda" else 8)
+            rows = bench_scan(batch=b, size=s, device=device, repeats=repeats, progress=progress)
+            parts.append(format_table(f"diagonal LSTM scan, B={b}, D=2, {s}x{s}, t=16, {device}",
+                                      rows, "speed-up vs reference"))
         if layer:
             s = size or (56 if dev.type == "cuda" else 32)
             b = batch or (64 if dev.type == "cuda" else 32)

@@ -1,0 +1,162 @@
+"""The diagonal LSTM scan: the one function boundary behind which backends live.
+
+Every backend computes the same thing (paper eq. 8), per direction, for each
+image cell ``(i, j)`` with upper neighbour ``u = (i - 1, j)`` and left
+neighbour ``l = (i, j - 1)``::
+
+    [o, f, i, g] = gx(i, j) + K_h[..., 0] @ h(u) + K_h[..., 1] @ h(l)
+    c(i, j)      = sigmoid(f) * c(l) + sigmoid(i) * tanh(g)
+    h(i, j)      = sigmoid(o) * tanh(c(i, j))
+
+In the skewed frame both neighbours sit in the previous column (rows
+``i - 1`` and ``i``), which is what makes a column-by-column scan possible;
+the memory cell is carried along the row, as in the Diagonal BiLSTM. States
+outside the image (the skew's padding cells) are zero, so the scan is exactly
+this recurrence over image cells with zero boundary states, and ``h(i, j)``
+depends on the inputs of the quadrant ``i' <= i, j' <= j`` and nothing else.
+
+The kernels live in their own modules and know nothing of each other or of
+the layer: :mod:`.reference` (plain PyTorch), :mod:`.fused` (anti-diagonal
+PyTorch scan with a hand-written backward), :mod:`.cpu_kernel` (a C kernel
+built from ``csrc/arnn_scan.c``) and :mod:`.triton_scan` (GPU). This module
+is the only place that registers them (at the bottom), so the set of
+backends is what this file says, whatever else has been imported. Third
+parties add theirs with :func:`register_backend`; a caller can also pass
+a callable as ``backend`` without registering anything.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Union
+
+import torch
+
+# Modules, not their functions: binding the name ``triton_scan`` to the
+# function here would hide the submodule ``arnn_plugins.ops.triton_scan``.
+from . import cpu_kernel, triton_scan
+from .fused import fused_scan_torch
+from .reference import reference_scan
+
+__all__ = [
+    "ScanFn",
+    "available_backends",
+    "backend_names",
+    "check_backend",
+    "diagonal_lstm",
+    "fused_scan",
+    "reference_scan",
+    "register_backend",
+    "resolve_backend",
+]
+
+ScanFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Backend = Union[str, ScanFn]
+
+_REGISTRY: Dict[str, ScanFn] = {}
+
+
+def register_backend(name: str, fn: ScanFn) -> None:
+    """Make ``fn(gx, weight_hh) -> h`` available as ``backend=name``.
+
+    ``fn`` takes ``gx`` ``(B, D, 4t, H, W)`` and ``weight_hh`` ``(D, 4t, t, 2)``
+    in float32 or float64 (one dtype, autocast off) and returns ``h``
+    ``(B, D, t, H, W)``, differentiable in both inputs. Registering an
+    existing name replaces that backend.
+    """
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"register_backend: name must be a non-empty string other than 'auto', got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"register_backend: fn must be callable (gx, weight_hh) -> h, got {type(fn).__name__}")
+    _REGISTRY[name] = fn
+
+
+def available_backends() -> List[str]:
+    """Names of the registered backends, sorted (``"auto"`` not included)."""
+    return sorted(_REGISTRY)
+
+
+def backend_names() -> List[str]:
+    """Every name ``backend`` accepts: ``"auto"`` then the registered backends."""
+    return ["auto"] + available_backends()
+
+
+def check_backend(layer: str, backend: Backend) -> Backend:
+    """Return ``backend`` if it is a known name or a callable, else raise ``ValueError`` naming ``layer``."""
+    if callable(backend) or (isinstance(backend, str) and backend in backend_names()):
+        return backend
+    raise ValueError(
+        f"{layer}: backend must be one of {backend_names()} or a callable (gx, weight_hh) -> h, got {backend!r}"
+    )
+
+
+def resolve_backend(backend: Backend, device: torch.device, hidden: int = 16, height: int = 32) -> Backend:
+    """Turn ``"auto"`` into a concrete backend name for ``device`` and the scan's size.
+
+    ``hidden`` is ``t`` and ``height`` is ``H`` of the scan; any other name,
+    and a callable, is returned unchanged.
+    """
+    if backend != "auto":
+        return backend
+    # The Triton kernel keeps a whole (H, t) state tile in registers; past
+    # these sizes it spills and the fused path is the safer choice.
+    if torch.device(device).type == "cuda" and "triton" in _REGISTRY and hidden <= 32 and height <= 64:
+        return "triton"
+    if "fused" in _REGISTRY:
+        return "fused"
+    return "reference"
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The recurrence accumulates over W + H - 1 steps: never run it in half
+    # precision, whatever the surrounding autocast region asks for.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def diagonal_lstm(gx: torch.Tensor, weight_hh: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """Run ``D`` independent diagonal LSTMs over image-shaped gate inputs.
+
+    Args:
+        gx: ``(B, D, 4t, H, W)`` input part of the gate pre-activations, gate
+            order ``[o, f, i, g]``, each direction already in its own scan
+            frame (top-left to bottom-right).
+        weight_hh: ``(D, 4t, t, 2)`` the 2x1 recurrent kernel ``K_h``;
+            ``[..., 0]`` acts on the upper neighbour, ``[..., 1]`` on the left.
+        backend: one of :func:`backend_names`, or a callable
+            ``fn(gx, weight_hh) -> h`` with a registered backend's signature.
+
+    Returns:
+        ``(B, D, t, H, W)`` hidden states, in ``gx``'s dtype. The backend
+        itself always runs in float32 (float64 for float64 input) with
+        autocast off.
+    """
+    name = resolve_backend(backend, gx.device, gx.shape[2] // 4, gx.shape[3])
+    if callable(name):
+        fn = name
+    elif name in _REGISTRY:
+        fn = _REGISTRY[name]
+    else:
+        raise ValueError(f"AttentionRNN: backend {backend!r} is not available here; available: {backend_names()}")
+    out_dtype = gx.dtype
+    cdtype = _compute_dtype(out_dtype)
+    with torch.autocast(device_type=gx.device.type, enabled=False):
+        h = fn(gx.to(cdtype), weight_hh.to(cdtype))
+    return h.to(out_dtype)
+
+
+def fused_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
+    """``backend="fused"``; shapes as in :func:`diagonal_lstm`.
+
+    On CPU it runs the compiled raster-order kernel of :mod:`.cpu_kernel`
+    when that builds here (one sequence per thread, no per-step dispatch),
+    else, and on other devices, :func:`.fused.fused_scan_torch`.
+    """
+    if gx.device.type == "cpu" and cpu_kernel.available():
+        return cpu_kernel.c_scan(gx, weight_hh)
+    return fused_scan_torch(gx, weight_hh)
+
+
+# The registry, in one place.
+register_backend("reference", reference_scan)
+register_backend("fused", fused_scan)
+if triton_scan.HAS_TRITON:
+    register_backend("triton", triton_scan.triton_scan)

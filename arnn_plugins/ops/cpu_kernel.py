@@ -1,0 +1,237 @@
+"""A small C kernel for the diagonal LSTM scan on CPU.
+
+On a CPU the scan is sequential within one image but independent across
+(direction, batch) pairs, and a per-step PyTorch op costs more in dispatch
+than the arithmetic it does. This module compiles (once, with the system C
+compiler, into ``~/.cache/arnn-plugins``) a plain C function that walks one
+sequence in raster order, which is a valid order for the recurrence: cell
+``(i, j)`` needs only ``(i - 1, j)`` and ``(i, j - 1)``. Sequences are split
+over threads from Python (``ctypes`` releases the GIL), the forward saves
+gate activations and cells, and the backward is the reverse raster walk
+(writing the input gradient over the saved activations when the graph is
+not retained, so it allocates next to nothing).
+
+The C source, ``csrc/arnn_scan.c`` next to this module (shipped as package
+data), has no Python or torch headers, so it builds in about a second and
+needs nothing from the network. The built library is cached under a name
+hashed from the source text, the compiler flags and the CPU's instruction
+sets, so an edited source or another machine never loads a stale build. If
+no compiler is found, or
+``ARNN_PLUGINS_NO_CC=1`` is set, :func:`load` returns ``None`` and the fused
+backend uses its pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.resources
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["SOURCE_FILE", "available", "c_scan", "library_path", "load", "source"]
+
+# The C source ships as package data next to this module (setup.cfg
+# [options.package_data]); read at build time, never copied into Python.
+SOURCE_FILE = "csrc/arnn_scan.c"
+
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+_lib = None
+_lock = threading.Lock()
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("ARNN_PLUGINS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "arnn-plugins")
+    return os.path.join(root, "kernels")
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the machine and its instruction sets."""
+    sig = sys.platform + os.uname().machine
+    try:
+        with open("/proc/cpuinfo") as f:
+            sig += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return sig
+
+
+def source() -> str:
+    """The C source text the kernel is built from (``arnn_plugins/ops/csrc/arnn_scan.c``)."""
+    return importlib.resources.files(__package__).joinpath(SOURCE_FILE).read_text(encoding="utf-8")
+
+
+def library_path(text: Optional[str] = None) -> str:
+    """Where the library built from ``text`` (default: :func:`source`) is cached.
+
+    The name hashes the source, the flags and the CPU signature: each of them
+    changes the machine code.
+    """
+    text = source() if text is None else text
+    key = hashlib.sha256((text + " ".join(_FLAGS) + _cpu_signature()).encode()).hexdigest()[:16]
+    return os.path.join(_cache_dir(), f"arnn_scan_{key}.so")
+
+
+def _compile(text: str, path: str) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "arnn_scan.c")
+        with open(src, "w") as f:
+            f.write(text)
+        out = os.path.join(tmp, "arnn_scan.so")
+        subprocess.run([cc, *_FLAGS, src, "-o", out, "-lm"], check=True, capture_output=True, timeout=120)
+        # Atomic, so concurrent first uses never load a half-written file.
+        tmp_target = f"{path}.{os.getpid()}.tmp"
+        shutil.copyfile(out, tmp_target)
+        os.replace(tmp_target, path)
+
+
+def load():
+    """The compiled kernel library, building it on first use; ``None`` if unavailable."""
+    global _lib
+    if _lib is not None:
+        return _lib or None
+    with _lock:
+        if _lib is not None:
+            return _lib or None
+        if os.environ.get("ARNN_PLUGINS_NO_CC") == "1" or sys.platform == "win32":
+            _lib = False
+            return None
+        try:
+            # Read once: the library must be built from the text its name hashes.
+            text = source()
+            path = library_path(text)
+            if not os.path.exists(path):
+                _compile(text, path)
+            lib = ctypes.CDLL(path)
+        except (OSError, RuntimeError, subprocess.SubprocessError):
+            _lib = False
+            return None
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    """True when the C kernel can be used here."""
+    return load() is not None
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _run_chunks(fn, n_seq: int) -> None:
+    """Call ``fn(s0, s1)`` over ``n_seq`` sequences split across torch's thread count."""
+    global _pool
+    workers = max(1, min(torch.get_num_threads(), n_seq))
+    if workers == 1:
+        fn(0, n_seq)
+        return
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(max_workers=workers)
+    bounds = [round(k * n_seq / workers) for k in range(workers + 1)]
+    futures = [_pool.submit(fn, bounds[k], bounds[k + 1]) for k in range(workers)]
+    for fut in futures:
+        fut.result()
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph`` / ``create_graph``).
+
+    Unknown (an older torch without the query) counts as kept, the safe side.
+    """
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
+def _strides(x: torch.Tensor):
+    """Element strides of a ``(B, D, F, H, W)`` tensor as ``b, d, i, j`` longs."""
+    sb, sd, _, si, sj = x.stride()
+    return [ctypes.c_long(v) for v in (sb, sd, si, sj)]
+
+
+def _features_last(x: torch.Tensor) -> torch.Tensor:
+    """Same values as ``x`` ``(B, D, F, H, W)`` with the feature dimension contiguous."""
+    if x.stride(2) == 1:
+        return x
+    return x.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+
+
+class _CScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
+        lib = load()
+        b, d, g4, h, w = gx.shape
+        t = g4 // 4
+        suf = "f64" if gx.dtype == torch.float64 else "f32"
+        gx = _features_last(gx)
+        wt = weight_hh.permute(0, 3, 2, 1).contiguous()  # (D, 2, t, 4t)
+        hid = gx.new_empty(b, h, w, d, t).permute(0, 3, 4, 1, 2)  # (B, D, t, H, W), features last
+        cbuf = gx.new_empty(d * b, h, w, t)
+        acts = gx.new_empty(d * b, h, w, g4)
+        fwd = getattr(lib, f"arnn_fwd_{suf}")
+        args_g, args_h = _strides(gx), _strides(hid)
+
+        def run(s0, s1):
+            fwd(_ptr(gx), *args_g, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
+                ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t), ctypes.c_int(s0), ctypes.c_int(s1))
+
+        _run_chunks(run, d * b)
+        ctx.save_for_backward(weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts)
+        ctx.suf = suf
+        return hid
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h: torch.Tensor):
+        wg, hid, cbuf, acts = ctx.saved_tensors
+        b, d, t, h, w = hid.shape
+        lib = load()
+        # When the graph is freed after this backward (no retain_graph, no
+        # create_graph), the gradient is written over the saved gate
+        # activations, cell by cell as they are consumed, so the backward
+        # allocates next to nothing. Either way it has the (D, B, H, W, 4t)
+        # layout the layer's input projection writes, so it flows on
+        # without a layout copy.
+        dz = acts if not _graph_kept() else torch.empty_like(acts)
+        dgx = dz.view(d, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
+        dwt = hid.new_empty(d, b, 2, t, 4 * t)
+        bwd = getattr(lib, f"arnn_bwd_{ctx.suf}")
+        sb, sd, sf, si, sj = grad_h.stride()
+        args_o = [ctypes.c_long(v) for v in (sb, sd, sf, si, sj)]
+        args_h, args_d = _strides(hid), _strides(dgx)
+
+        def run(s0, s1):
+            bwd(_ptr(grad_h), *args_o, _ptr(wg), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts), _ptr(dgx), *args_d,
+                _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t),
+                ctypes.c_int(s0), ctypes.c_int(s1))
+
+        _run_chunks(run, d * b)
+        grad_w = dwt.sum(1).permute(0, 3, 2, 1)  # (D, 4t, t, 2)
+        return dgx, grad_w
+
+
+def c_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
+    """Diagonal LSTM scan by the C kernel (CPU, float32/float64).
+
+    Shapes as in :func:`arnn_plugins.ops.diagonal_lstm`; raises
+    ``RuntimeError`` if the kernel is not available.
+    """
+    if load() is None:
+        raise RuntimeError("AttentionRNN: the CPU scan kernel is not available (no C compiler?)")
+    if gx.device.type != "cpu" or gx.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"AttentionRNN: the CPU scan kernel takes float32/float64 CPU tensors, got {gx.dtype} on {gx.device}")
+    return _CScan.apply(gx, weight_hh.to(gx.dtype))
