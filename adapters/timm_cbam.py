@@ -49,7 +49,7 @@ from timm.layers.cbam import (
 )
 
 from ..arnn import AttentionRNN, BlockAttentionRNN, check_input
-from ..checks import check_swap_mode
+from ..checks import check_int, check_swap_mode
 from ..gate import ARNNGate, create_attention, zero_init_attention
 from ..registry import register_adapter
 
@@ -257,8 +257,7 @@ class CbamARNN(nn.Module):
         **arnn_kwargs,
     ) -> None:
         super().__init__()
-        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-            raise ValueError(f"CbamARNN: channels must be a positive int, got {channels!r}")
+        check_int("CbamARNN", "channels", channels)
         if channel is None:
             channel_cls = LightChannelAttn if light else ChannelAttn
             channel = channel_cls(

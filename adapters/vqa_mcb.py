@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..arnn import AttentionRNN
+from ..checks import check_int
 from ..gate import zero_init_attention
 from ..models.mcb import MCBGlimpseAttention, check_glimpse_input, local_glimpse_logits, spatial_softmax
 from ..registry import register_adapter
@@ -64,8 +65,7 @@ class ARNNGlimpseAttention(nn.Module):
         **arnn_kwargs,
     ) -> None:
         super().__init__()
-        if not isinstance(glimpses, int) or glimpses < 1:
-            raise ValueError(f"ARNNGlimpseAttention: glimpses must be a positive int, got {glimpses!r}")
+        check_int("ARNNGlimpseAttention", "glimpses", glimpses)
         arnn_kwargs.setdefault("context_kernel", 1)
         if arnn_kwargs.pop("query_channels", query_channels) != query_channels:
             raise ValueError(

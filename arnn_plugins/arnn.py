@@ -23,7 +23,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_choice, check_image, check_int, check_odd_kernel, check_query
+from .checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_image,
+    check_int,
+    check_like,
+    check_odd_kernel,
+    check_query,
+)
 from .ops import ScanFn, check_backend, diagonal_lstm
 
 __all__ = ["AttentionRNN", "BlockAttentionRNN", "ARNNStats", "COMBINE_MODES"]
@@ -60,10 +69,35 @@ def product_of_gaussians(mu_l, sigma_l, mu_r, sigma_r):
     return mu, sigma
 
 
-def check_input(layer: str, x, in_channels: int, query=None, query_channels: int = 0) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``layer`` for a bad ``x`` ``(B, C, H, W)`` or ``query`` ``(B, Q)``."""
+def check_input(layer: str, x, in_channels: int, query=None, query_channels: int = 0, *,
+                like: Optional[torch.Tensor] = None) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``layer`` for a bad ``x`` ``(B, C, H, W)`` or ``query`` ``(B, Q)``.
+
+    With ``like`` (one of the layer's parameters), ``x`` must also be on its
+    device and of its dtype (outside autocast), and ``query`` on its device;
+    a query of another floating dtype is cast, as every attention layer of
+    the package does with its small conditioning vector.
+    """
     check_image(layer, x, in_channels)
     check_query(layer, query, x.shape[0], query_channels)
+    if like is not None:
+        check_like(layer, x, like)
+        if query is not None:
+            check_like(layer, query, like, what="query", dtype=False)
+
+
+def fx_leaf(module: nn.Module, x: "torch.fx.Proxy", query, return_stats: bool):
+    """Record ``module(x, query, return_stats)`` as one ``call_module`` node of an FX trace.
+
+    ``torch.fx.symbolic_trace`` (and torchvision's ``create_feature_extractor``)
+    keep only ``torch.nn``'s own layers as leaves; traced through, the input
+    checks and the scan would meet a Proxy, whose shape is unknown. So an
+    ARNN layer records itself, as a leaf would, without the user naming it.
+    """
+    tracer = x.tracer
+    kwargs = {"return_stats": True} if return_stats else {}
+    args = (x,) if query is None else (x, query)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
 class AttentionRNN(nn.Module):
@@ -118,14 +152,19 @@ class AttentionRNN(nn.Module):
         check_int("AttentionRNN", "in_channels", in_channels)
         check_int("AttentionRNN", "hidden_channels", hidden_channels)
         check_int("AttentionRNN", "query_channels", query_channels, minimum=0)
+        check_int("AttentionRNN", "combine_hidden", combine_hidden)
+        check_bool("AttentionRNN", "sample", sample)
+        check_bool("AttentionRNN", "shift", shift)
+        if context_channels is not None:
+            check_int("AttentionRNN", "context_channels", context_channels)
         if context_net is None:
             check_odd_kernel("AttentionRNN", "context_kernel", context_kernel)
         elif not isinstance(context_net, nn.Module):
             raise TypeError(f"AttentionRNN: context_net must be an nn.Module, got {type(context_net).__name__}")
         check_choice("AttentionRNN", "combine", combine, COMBINE_MODES)
         check_backend("AttentionRNN", backend)
-        if min_sigma <= 0:
-            raise ValueError(f"AttentionRNN: min_sigma must be > 0, got {min_sigma!r}")
+        # NaN would pass a "<= 0" test and make every output NaN.
+        min_sigma = check_float("AttentionRNN", "min_sigma", min_sigma, minimum=0.0)
 
         t = hidden_channels
         if context_channels is None:
@@ -135,6 +174,7 @@ class AttentionRNN(nn.Module):
                     "AttentionRNN: pass context_channels (the channels context_net outputs); "
                     "context_net has no out_channels attribute"
                 )
+            check_int("AttentionRNN", "context_channels (context_net.out_channels)", context_channels)
         self.in_channels = in_channels
         self.hidden_channels = t
         self.context_kernel = context_kernel if context_net is None else None
@@ -195,7 +235,9 @@ class AttentionRNN(nn.Module):
         self, x: torch.Tensor, query: Optional[torch.Tensor] = None, return_stats: bool = False
     ):
         """``(B, C, H, W)`` (+ query ``(B, Q)``) -> attention ``(B, 1, H, W)`` or :class:`ARNNStats`."""
-        check_input("AttentionRNN", x, self.in_channels, query, self.query_channels)
+        if isinstance(x, torch.fx.Proxy):
+            return fx_leaf(self, x, query, return_stats)
+        check_input("AttentionRNN", x, self.in_channels, query, self.query_channels, like=self.weight_hh)
         b, _, h, w = x.shape
         t = self.hidden_channels
         xc = self.context(x)
@@ -260,6 +302,7 @@ class BlockAttentionRNN(nn.Module):
 
     def __init__(self, in_channels: int, block_size: int = 2, **arnn_kwargs) -> None:
         super().__init__()
+        check_int("BlockAttentionRNN", "in_channels", in_channels)
         check_int("BlockAttentionRNN", "block_size", block_size)
         self.in_channels = in_channels
         self.block_size = block_size
@@ -278,7 +321,9 @@ class BlockAttentionRNN(nn.Module):
         self, x: torch.Tensor, query: Optional[torch.Tensor] = None, return_stats: bool = False
     ):
         """``(B, C, H, W)`` (+ query) -> ``(B, 1, H, W)`` or :class:`ARNNStats`."""
-        check_input("BlockAttentionRNN", x, self.in_channels, query, self.arnn.query_channels)
+        if isinstance(x, torch.fx.Proxy):
+            return fx_leaf(self, x, query, return_stats)
+        check_input("BlockAttentionRNN", x, self.in_channels, query, self.arnn.query_channels, like=self.down.weight)
         g = self.block_size
         h, w = x.shape[-2:]
         x = F.pad(x, (0, (-w) % g, 0, (-h) % g))

@@ -3,8 +3,9 @@
 Commands: ``demo`` (the main job: PAN with CTX and with ARNN on small MBG),
 ``train`` / ``eval`` / ``show`` (mmengine configs, see ``configs/``),
 ``reproduce`` (the paper's attribute tables), ``bench`` and ``list``.
-Usage errors (bad config path, option or device) exit with code 2 and a
-one-line message.
+Usage errors (a bad config path, key, value or option, device or work dir,
+a damaged checkpoint or one that does not fit the model) exit with code 2
+and a one-line message.
 """
 
 from __future__ import annotations
@@ -74,24 +75,67 @@ def _runner(args, **kw):
 def _cmd_train(args) -> int:
     from .engine.runner import checkpoint_loading, last_checkpoint
 
-    runner = _runner(args, amp=args.amp, resume=args.resume)
+    # The thread count too: in a distributed run build_runner divides the
+    # machine's cores among its processes unless --threads says otherwise.
+    runner = _runner(args, amp=args.amp, resume=args.resume, launcher=args.launcher, threads=args.threads,
+                     loops=("train",))
     with checkpoint_loading():
         runner.train()
-    print(f"trained to iteration {runner.iter} (epoch {runner.epoch}); checkpoint: {last_checkpoint(runner.work_dir)}")
+    # Rank 0 alone writes checkpoints and last_checkpoint; other ranks may
+    # finish before it has, and would print a stale or empty path.
+    if runner.rank == 0:
+        print(f"trained to iteration {runner.iter} (epoch {runner.epoch}); "
+              f"checkpoint: {last_checkpoint(runner.work_dir)}")
     return 0
+
+
+def _output_file(path: str, option: str = "--out") -> str:
+    """Create ``path``'s folder and check that it can be written.
+
+    Failing here costs nothing; failing after the work would cost the work.
+    """
+    import os
+
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot create the folder {folder}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path}: the folder {folder} cannot be written")
+    return path
 
 
 def _cmd_eval(args) -> int:
     import json
-    import os
 
-    from .engine.runner import checkpoint_loading
+    from mmengine.model import is_model_wrapper
 
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    from .engine.checkpoints import fit_error, state_dict_of, state_dict_problems
+    from .engine.runner import build_loop, checkpoint_loading
+    from .finetune import read_checkpoint
+
+    # Everything that can go wrong is found before the evaluation runs: a
+    # damaged file, a checkpoint of another model, an output path.
+    weights = state_dict_of(read_checkpoint(args.checkpoint), args.checkpoint)
+    if args.out:
+        _output_file(args.out)
     runner = _runner(args, load_from=args.checkpoint)
+    loop = "test" if args.test or not runner.cfg.get("val_dataloader") else "val"
+    build_loop(runner, loop, args.config)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    # mmengine's loader copies what fits and only logs the rest, which would
+    # print metrics of a half-initialised model.
+    problems = state_dict_problems(model, weights)
+    if problems and not args.no_strict:
+        raise fit_error(args.checkpoint, model, problems, "pass --no-strict to evaluate the tensors that fit")
+    for problem in problems:
+        print(f"warning: {args.checkpoint}: {problem}; --no-strict: evaluating with the tensors that fit",
+              file=sys.stderr)
     with checkpoint_loading():
-        metrics = runner.test() if args.test or runner.val_loop is None else runner.val()
+        metrics = runner.test() if loop == "test" else runner.val()
     metrics = {k: float(v) for k, v in metrics.items()}
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
@@ -111,6 +155,7 @@ def _cmd_show(args) -> int:
     if len(args.pairs) % 2:
         raise ValueError("show: give CONFIG CHECKPOINT pairs (one pair per model)")
     check_device(args.device)
+    _output_file(args.out)
     pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
     panels, data, task = {}, None, "color"
     for config, ckpt in pairs:
@@ -151,6 +196,20 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .engine.runner import load_config
+    from .experiments.export import export_model
+
+    _set_threads(args.threads)
+    cfg = load_config(args.config, args.cfg_options)
+    res = export_model(cfg, args.checkpoint, args.format, args.out)
+    check = "onnxruntime" if args.format == "onnx" else "torch.export.load"
+    verdict = "matches" if res["ok"] else "DOES NOT match"
+    print(f"exported {args.config} ({', '.join(res['inputs'])} -> outputs, dynamic batch) to {res['path']}; "
+          f"run by {check} on another batch it {verdict} PyTorch (max abs diff {res['max_abs_diff']:.2e})")
+    return 0 if res["ok"] else 1
+
+
 def _cmd_bench(args) -> int:
     from .experiments.bench import run
 
@@ -161,7 +220,7 @@ def _cmd_bench(args) -> int:
             print("arnn-plugins bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
             return 2
     table = run(device=args.device, repeats=args.repeats, layer=not args.no_layer, resnet=not args.no_resnet,
-                batch=args.batch, amp=args.amp, size=args.size)
+                batch=args.batch, amp=args.amp, size=args.size, compile=args.compile)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
@@ -221,15 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a config with mmengine's Runner")
     runner_args(s)
+    s.add_argument("--launcher", default=None, choices=["none", "pytorch", "slurm", "mpi"],
+                   help="distributed launcher: pytorch under torchrun, slurm under srun, mpi under mpirun "
+                        "(default: the config's launcher, else none); in a distributed run --threads defaults "
+                        "to the machine's cores divided by its processes")
     s.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    s.add_argument("--resume", action="store_true", help="continue from the work dir's last checkpoint")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the work dir's last checkpoint (if that is damaged, the newest one that reads)")
     s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint (validation set; --test for the test set)")
     runner_args(s)
     s.add_argument("checkpoint")
     s.add_argument("--test", action="store_true", help="use the config's test set")
-    s.add_argument("--out", default=None, help="also write the metrics as JSON")
+    s.add_argument("--out", default=None, help="also write the metrics as JSON (its folder is created)")
+    s.add_argument("--no-strict", action="store_true",
+                   help="evaluate even if the checkpoint does not fit the model (default: refuse, listing the keys)")
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("show", help="masks of one or more PAN checkpoints to a PNG")
@@ -255,12 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=_cmd_reproduce)
 
+    s = sub.add_parser("export", help="a config's model to ONNX or torch.export (.pt2), checked against PyTorch")
+    s.add_argument("config", help="mmengine Python config, e.g. configs/pan_mbg_arnn.py")
+    s.add_argument("checkpoint", nargs="?", default=None, help="weights (default: the model's initialisation)")
+    s.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
+    s.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
+    s.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, metavar="KEY=VALUE")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    s.set_defaults(fn=_cmd_export)
+
     s = sub.add_parser("bench", help="speed and memory tables")
     s.add_argument("--device", default="cpu")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--batch", type=int, default=None)
     s.add_argument("--size", type=int, default=None, help="layer benchmark map size")
     s.add_argument("--amp", action="store_true", help="autocast in the train-step benchmark")
+    s.add_argument("--compile", action="store_true",
+                   help="also the train-step table for torch.compile'd models (compile time apart)")
     s.add_argument("--no-layer", action="store_true")
     s.add_argument("--no-resnet", action="store_true")
     s.add_argument("--out", default=None, help="also write the markdown tables here")

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .arnn import AttentionRNN, BlockAttentionRNN
+from .arnn import AttentionRNN, BlockAttentionRNN, check_input
 from .checks import check_int
 
 __all__ = ["ARNNGate", "create_attention", "zero_init_attention"]
@@ -68,10 +68,16 @@ class ARNNGate(nn.Module):
 
     def __init__(self, in_channels: int, block_size: int = 1, **arnn_kwargs) -> None:
         super().__init__()
+        check_int(type(self).__name__, "in_channels", in_channels)
         self.in_channels = in_channels
         self.attn = zero_init_attention(create_attention(in_channels, block_size, type(self).__name__, **arnn_kwargs))
 
     def forward(self, x: torch.Tensor, query: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(B, C, H, W)`` -> gated ``(B, C, H, W)``."""
+        """``(B, C, H, W)`` (+ query ``(B, Q)``) -> gated ``(B, C, H, W)``."""
+        # Checked here too, so that a bad input names the gate the user added
+        # (not under FX tracing, where x is a Proxy and the layer records itself).
+        if not isinstance(x, torch.fx.Proxy):
+            check_input(type(self).__name__, x, self.in_channels, query, self.attn.query_channels,
+                        like=next(self.attn.parameters()))
         a = self.attn(x, query)
         return x * (2.0 * torch.sigmoid(a)).to(x.dtype)

@@ -3,9 +3,7 @@
 An adapter recognises sites in a model and builds what goes there:
 
 - ``kind="swap"``: ``match(module)`` finds an attention module;
-  ``build(module, mode=..., **arnn_kwargs)`` returns its replacement, which
-  :func:`swap_attention` then moves to the replaced module's device, dtype
-  and train/eval mode.
+  ``build(module, mode=..., **arnn_kwargs)`` returns its replacement.
 - ``kind="insert"``: ``match(module)`` finds an insertion point (a block);
   ``build(module, **arnn_kwargs)`` returns the new gate module, which
   :func:`insert_attention` attaches to that block as child ``arnn_gate`` and
@@ -14,6 +12,11 @@ An adapter recognises sites in a model and builds what goes there:
   ``build`` receives the block's qualified ``name`` and may return ``None``
   to skip a block (e.g. a stage the user left out); it must pop its own
   options (such as ``stages``) before passing the rest to ARNN.
+
+Both functions then put what an adapter built on the device and floating
+dtype, and in the train/eval mode, of the module it replaces or the block it
+joins (:func:`place_like`), so adapters build on the CPU in float32 and a
+``.half()``, CUDA, ``meta`` or ``eval()`` host still gets matching layers.
 
 Adapters for the hosts this package knows are registered when
 :func:`list_adapters`, :func:`swap_attention` or :func:`insert_attention` is
@@ -38,6 +41,7 @@ __all__ = [
     "swap_attention",
     "insert_attention",
     "remove_attention",
+    "place_like",
     "GATE_NAME",
     "SWAP_MODES",
 ]
@@ -120,12 +124,16 @@ def get_adapter(name: str) -> Adapter:
     return _ADAPTERS[name]
 
 
-def _select(kind: str, adapters: Optional[Sequence[str]]) -> List[Adapter]:
+def _select(kind: str, adapters: Optional[Sequence[str]], caller: str) -> List[Adapter]:
     _load_builtin()
     if adapters is None:
         return [a for a in _ADAPTERS.values() if a.kind == kind]
+    if isinstance(adapters, str):
+        adapters = [adapters]  # one name; iterating it would try its letters
     out = []
     for n in adapters:
+        if not isinstance(n, str):
+            raise TypeError(f"{caller}: adapters must be adapter names (str), got {type(n).__name__} {n!r}")
         a = get_adapter(n)
         if a.kind != kind:
             raise ValueError(f"adapter {n!r} is a {a.kind!r} adapter, not {kind!r}")
@@ -148,12 +156,29 @@ def _find(model: nn.Module, adapters: List[Adapter], skip_inside: Sequence[type]
     return sites
 
 
-def _like(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Put a replacement on the device and dtype, and in the train/eval mode, of what it replaces."""
-    p = next(old.parameters(), None)
-    if p is not None:
-        new.to(device=p.device, dtype=p.dtype)
-    return new.train(old.training)
+def _reference_tensor(module: nn.Module):
+    """The first floating point parameter (else buffer) of ``module``, or ``None``."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def place_like(new: nn.Module, site: nn.Module, model: Optional[nn.Module] = None) -> nn.Module:
+    """Put ``new`` on the device and floating dtype, and in the train/eval mode, of ``site``; returns ``new``.
+
+    The one placement step of :func:`swap_attention` (``site``: the replaced
+    module) and :func:`insert_attention` (``site``: the block the gate joins).
+    Device and dtype come from ``site``'s first floating point parameter or
+    buffer, else from ``model``'s (a parameter-free site); with neither,
+    ``new`` keeps its own.
+    """
+    ref = _reference_tensor(site)
+    if ref is None and model is not None:
+        ref = _reference_tensor(model)
+    if ref is not None:
+        new.to(device=ref.device, dtype=ref.dtype)
+    return new.train(site.training)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -173,7 +198,8 @@ def swap_attention(
             adds a zero-initialised ARNN correction (the model's function is
             unchanged at the moment of the swap); ``"replace"`` is the
             paper's plain replacement.
-        adapters: names of the swap adapters to use (default: all).
+        adapters: names of the swap adapters to use (default: all); one name may be
+            given as a string.
         **arnn_kwargs: options for :class:`~arnn_plugins.AttentionRNN`.
 
     Returns:
@@ -186,7 +212,7 @@ def swap_attention(
     check_swap_mode("swap_attention", mode)
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_attention: expected an nn.Module, got {type(model).__name__}")
-    chosen = _select("swap", adapters)
+    chosen = _select("swap", adapters, "swap_attention")
     sites = _find(model, chosen)
     if not sites:
         raise ValueError(
@@ -194,7 +220,8 @@ def swap_attention(
             f"adapters tried: {[a.name for a in chosen]}"
         )
     # Build everything before touching the model, so a failure changes nothing.
-    new = [(name, _like(adapter.build(module, mode=mode, **arnn_kwargs), module)) for name, module, adapter in sites]
+    new = [(name, place_like(adapter.build(module, mode=mode, **arnn_kwargs), module, model))
+           for name, module, adapter in sites]
     for name, module in new:
         _set_submodule(model, name, module)
     return [name for name, _ in new]
@@ -212,8 +239,10 @@ def insert_attention(
 
     Each gate is the identity at initialisation and becomes the block's child
     ``arnn_gate`` (so checkpoints of the original model load with only the
-    gates' keys missing). Adapter-specific options (e.g. ``stages``) go in
-    ``arnn_kwargs`` alongside the ARNN options.
+    gates' keys missing), on the block's device and dtype and in its
+    train/eval mode. Adapter-specific options (e.g. ``stages``) go in
+    ``arnn_kwargs`` alongside the ARNN options; ``adapters`` as in
+    :func:`swap_attention`.
 
     Returns:
         Qualified names of the added gate modules.
@@ -224,7 +253,7 @@ def insert_attention(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"insert_attention: expected an nn.Module, got {type(model).__name__}")
-    chosen = _select("insert", adapters)
+    chosen = _select("insert", adapters, "insert_attention")
     sites = _find(model, chosen)
     built = []
     for name, block, adapter in sites:
@@ -232,7 +261,7 @@ def insert_attention(
             raise ValueError(f"insert_attention: {name or type(model).__name__} already has an ARNN gate")
         gate = adapter.build(block, name=name, **arnn_kwargs)
         if gate is not None:
-            built.append((name, block, gate))
+            built.append((name, block, place_like(gate, block, model)))
     if not built:
         raise ValueError(
             f"insert_attention: found no insertion point in {type(model).__name__}; "

@@ -53,6 +53,6 @@ default_hooks = dict(
 )
 log_level = 'INFO'
 randomness = dict(seed=0)
-env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl'))
+env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='auto'))  # auto: NCCL on CUDA, gloo on CPU
 load_from = None
 resume = False

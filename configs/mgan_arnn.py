@@ -33,6 +33,6 @@ default_hooks = dict(
 log_processor = dict(by_epoch=False, window_size=100)
 log_level = 'INFO'
 randomness = dict(seed=0)
-env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl'))
+env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='auto'))  # auto: NCCL on CUDA, gloo on CPU
 load_from = None
 resume = False

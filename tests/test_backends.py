@@ -71,7 +71,7 @@ def test_fused_backward_twice_with_retain_graph():
 
 
 def test_memory_mb_measures_a_known_pattern():
-    from arnn_plugins.experiments.bench import memory_mb
+    from arnn_plugins.experiments.memory import memory_mb
 
     x = torch.randn(512, 1024, requires_grad=True)  # 2 MB
     held, peak = memory_mb(lambda: torch.exp(x), torch.device("cpu"))
@@ -82,7 +82,7 @@ def test_memory_mb_measures_a_known_pattern():
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler")
 def test_fused_backward_needs_little_beyond_saved_activations():
-    from arnn_plugins.experiments.bench import memory_mb
+    from arnn_plugins.experiments.memory import memory_mb
 
     torch.manual_seed(0)
     # In the layout the layer's input projection writes, (D, B, H, W, 4t),

@@ -84,3 +84,24 @@ def test_bench_layer_rows_and_table():
     assert all(r.fwd_ms > 0 and r.fwdbwd_ms > 0 and r.held_mb > 0 and r.peak_mb >= r.held_mb for r in rows)
     table = format_table("t", rows, "speed-up")
     assert "| fused |" in table and "| reference |" in table
+
+
+def test_table_shows_compile_time_only_when_measured():
+    from arnn_plugins.experiments.bench import Row
+
+    plain = format_table("t", [Row("m", 1.0, 2.0, 1.0, 1.5, ratio=1.0)], "r", step_label="train step ms")
+    assert "compile s" not in plain
+    timed = format_table("t", [Row("m", 1.0, 2.0, 1.0, 1.5, ratio=1.0, compile_s=12.3)], "r",
+                         step_label="train step ms")
+    assert "compile s |" in timed.splitlines()[2] and timed.splitlines()[-1].endswith("| 12.3 |")
+
+
+@pytest.mark.slow
+def test_bench_resnet_compiled_rows():
+    pytest.importorskip("timm")
+    from arnn_plugins.experiments.bench import bench_resnet
+
+    rows = bench_resnet(batch=2, size=32, repeats=1, compile=True)
+    assert [r.name for r in rows] == ["resnet18", "resnet18+cbam", "resnet18+cbam+arnn"]
+    # Compilation is paid once, in the first step, not in the medians.
+    assert all(r.compile_s is not None and r.compile_s * 1e3 > r.fwdbwd_ms for r in rows)

@@ -96,6 +96,18 @@ def test_show_writes_masks_of_several_models_side_by_side(trained, tmp_path, cap
     assert "ARNN" in capsys.readouterr().out
 
 
+def test_build_model_loads_the_checkpoint_in_eval_mode(trained):
+    from arnn_plugins.engine.runner import build_model, load_config
+
+    ck = str(trained / "iter_6.pth")
+    model = build_model(load_config(TINY), ck, device="cpu")
+    sd = torch.load(ck, map_location="cpu", weights_only=False)["state_dict"]
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    fresh = build_model(load_config(TINY))
+    assert any(not torch.equal(v, sd[k]) for k, v in fresh.state_dict().items() if v.is_floating_point())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "configs/no_such_config.py"], "config file not found"),
     (["train", TINY, "--cfg-options", "no_such_key=1"], "no top-level key 'no_such_key'"),
@@ -103,9 +115,13 @@ def test_show_writes_masks_of_several_models_side_by_side(trained, tmp_path, cap
     (["eval", TINY, "no_such.pth"], "checkpoint not found"),
     (["show", TINY, "no_such.pth"], "checkpoint not found"),
     (["show", TINY], "CONFIG CHECKPOINT pairs"),
+    (["show", TINY, "no_such.pth", "--device", "tpu"], "--device must be cpu or cuda"),
     (["reproduce", "--scale", "tiny", "--device", "tpu"], "--device must be cpu or cuda"),
     (["train", TINY, "--device", "cpu", "--amp"], "--amp needs a CUDA device"),
     (["demo", "--quick", "--threads", "0"], "--threads must be >= 1"),
+    (["train", TINY, "--cfg-options", "model.hiden_channels=3"], "did you mean 'hidden_channels'?"),
+    (["train", TINY, "--cfg-options", "train_cfg.max_iter=3"], "did you mean 'max_iters'?"),
+    (["train", TINY, "--cfg-options", "train_cfg.max_iters=-1"], "train_cfg.max_iters must be an int >= 1"),
 ])
 def test_bad_config_or_option_exits_2_with_a_message(argv, message, tmp_path, capsys):
     code = main(argv + (["--work-dir", str(tmp_path)] if argv[0] == "train" else []))

@@ -43,3 +43,15 @@ def test_torchvision_and_transformers_example_runs():
     assert names and all(n.startswith(("layer2", "layer3", "layer4")) for n in names)
     hf = scope["hf"]
     assert sum(n.endswith("arnn_gate") for n, _ in hf.named_modules()) == sum(hf.config.depths[1:])
+
+
+def test_compile_and_export_example_runs(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("onnxscript")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_block("## Compile and export"), "README.md", "exec"), scope)
+    x = torch.randn(3, 64, 32, 32)
+    torch.testing.assert_close(scope["ep"].module()(x), scope["model"](x))
+    assert (tmp_path / "arnn.onnx").stat().st_size > 0

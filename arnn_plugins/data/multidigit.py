@@ -62,7 +62,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..checks import check_choice
+from ..checks import check_choice, check_int
 from .backgrounds import load_backgrounds, shrink_to, to_pil
 from .digits import SPLITS, DigitSet, load_digits
 from .placement import free_positions, ink_boxes, resize_matrix
@@ -170,8 +170,7 @@ class MultiDigitDataset(Dataset):
         check_choice("MultiDigitDataset", "variant", variant, VARIANTS)
         check_choice("MultiDigitDataset", "split", split, SPLITS)
         check_choice("MultiDigitDataset", "task", task, TASKS)
-        if not isinstance(size, int) or size < 16:
-            raise ValueError(f"MultiDigitDataset: size must be an int >= 16, got {size!r}")
+        check_int("MultiDigitDataset", "size", size, minimum=16)
         lo, hi = num_digits
         if not (1 <= lo <= hi <= 10):
             raise ValueError(f"MultiDigitDataset: num_digits must satisfy 1 <= lo <= hi <= 10, got {num_digits!r}")
@@ -187,8 +186,7 @@ class MultiDigitDataset(Dataset):
             )
         if length is None:
             length = PAPER_LENGTHS[split]
-        if not isinstance(length, int) or length < 0:
-            raise ValueError(f"MultiDigitDataset: length must be an int >= 0, got {length!r}")
+        check_int("MultiDigitDataset", "length", length, minimum=0)
         if noise_std < 0:
             raise ValueError(f"MultiDigitDataset: noise_std must be >= 0, got {noise_std!r}")
 

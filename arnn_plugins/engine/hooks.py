@@ -19,7 +19,7 @@ class ProgressBarHook(Hook):
 
     Args:
         desc: the bar's label.
-        enabled: draw the bar; step times are recorded either way.
+        enabled: draw the bar (on rank 0 only); step times are recorded either way.
 
     After training, :attr:`step_times` holds the seconds of every iteration
     (data loading included) and :meth:`seconds_per_step` their median,
@@ -35,7 +35,9 @@ class ProgressBarHook(Hook):
         self._t = None
 
     def before_train(self, runner) -> None:
-        if self.enabled:
+        # One bar per run: in a distributed run the other ranks' bars would
+        # interleave with rank 0's (they all step together).
+        if self.enabled and runner.rank == 0:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=runner.max_iters, initial=runner.iter, desc=self.desc, unit="it",

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import difflib
+import inspect
 import os
 import os.path as osp
-import warnings
-from typing import Dict, Optional
+import sys
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..checks import check_device
+from ..checks import check_device, check_int
+from ..finetune import safe_checkpoint_globals
 
-__all__ = ["load_config", "build_runner", "prepare_runner", "build_model", "last_checkpoint", "checkpoint_loading"]
+__all__ = ["load_config", "build_runner", "prepare_runner", "build_model", "last_checkpoint", "checkpoint_loading",
+           "RUNNER_OPTIONS"]
+
+# Top-level keys mmengine's Runner reads that a config may leave out (they
+# have defaults), so ``--cfg-options`` may set them even when the file does
+# not: ``--cfg-options launcher=pytorch sync_bn=torch``.
+RUNNER_OPTIONS = ("launcher", "sync_bn", "find_unused_parameters", "model_wrapper_cfg", "randomness", "env_cfg")
 
 
 def load_config(path: str, options: Optional[Dict] = None):
@@ -20,8 +30,11 @@ def load_config(path: str, options: Optional[Dict] = None):
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file does not parse, or an option names no key of the
-            config (a typo would otherwise be silently added).
+        ValueError: the file does not parse; an option names no key of the
+            config (a typo would otherwise be silently added: a new key is
+            refused where the dict's ``type`` takes no such argument, or where
+            it is close to a key that exists, with a "did you mean"); a loop
+            length, interval or batch size is not a positive int.
     """
     from mmengine.config import Config
 
@@ -34,37 +47,179 @@ def load_config(path: str, options: Optional[Dict] = None):
     if options:
         top = {k: cfg[k] for k in cfg.keys()}
         for key in options:
-            parent = top
-            parts = key.split(".")
-            for p in parts[:-1]:
-                if isinstance(parent, (list, tuple)) and p.isdigit() and int(p) < len(parent):
-                    parent = parent[int(p)]
-                elif isinstance(parent, dict) and p in parent:
-                    parent = parent[p]
-                else:
-                    raise ValueError(f"option {key!r}: the config has no key {p!r} there")
-            if not isinstance(parent, dict):
-                raise ValueError(f"option {key!r}: {'.'.join(parts[:-1])} is not a dict")
-            # New keys are allowed inside model / dataset dicts (extra
-            # keyword arguments) but not at the top level, where a typo
-            # would silently do nothing.
-            if len(parts) == 1 and parts[0] not in top:
-                raise ValueError(f"option {key!r}: the config has no top-level key {key!r}")
+            _check_option_key(key, top)
         cfg.merge_from_dict(options)
+    _check_config_values(cfg, path)
     return cfg
 
 
+def _did_you_mean(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, [c for c in candidates if isinstance(c, str)], n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether ``b`` is ``a`` with one letter changed, added, dropped, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
+def _registered(type_name):
+    """The class a config's ``type`` names, looked up in mmengine's root registries; ``None`` if not one."""
+    if not isinstance(type_name, str):
+        return type_name if callable(type_name) else None
+    import mmengine.registry as registries
+    import mmengine.runner  # noqa: F401  (registers the loops)
+
+    found = []
+    for reg in vars(registries).values():
+        if isinstance(reg, registries.Registry):
+            try:
+                obj = reg.get(type_name)
+            except Exception:  # a scope or an import that fails: not this registry
+                obj = None
+            if obj is not None and obj not in found:
+                found.append(obj)
+    return found[0] if len(found) == 1 else None
+
+
+def _accepted_keys(parent: dict, path: Sequence[str]) -> Tuple[Optional[set], bool]:
+    """``(keyword arguments the dict's target takes, whether it takes any **kwargs)``; ``(None, True)`` if unknown."""
+    target = _registered(parent["type"]) if "type" in parent else None
+    extra = {"type"}
+    if target is None and len(path) == 1 and path[0].endswith("_dataloader"):
+        target = torch.utils.data.DataLoader  # mmengine's build_dataloader passes the dict to it
+        extra |= {"num_batch_per_epoch"}
+    if target is None:
+        return None, True
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None, True
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} | extra
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _check_option_key(key: str, top: dict) -> None:
+    """``ValueError`` for an option that would add a key nothing reads (see :func:`load_config`)."""
+    parts = key.split(".")
+    parent = top
+    for depth, p in enumerate(parts[:-1]):
+        where = ".".join(parts[:depth]) or "the top level"
+        if isinstance(parent, (list, tuple)):
+            if p.isdigit() and int(p) < len(parent):
+                parent = parent[int(p)]
+                continue
+            raise ValueError(f"option {key!r}: {where} is a list of {len(parent)}, {p!r} is not an index of it")
+        if isinstance(parent, dict) and p in parent:
+            parent = parent[p]
+            continue
+        keys = list(parent) if isinstance(parent, dict) else []
+        raise ValueError(f"option {key!r}: the config has no key {p!r} in {where}{_did_you_mean(p, keys)}")
+    if not isinstance(parent, dict):
+        raise ValueError(f"option {key!r}: {'.'.join(parts[:-1])} is not a dict")
+    last = parts[-1]
+    if last in parent:
+        return
+    if len(parts) == 1:
+        # A top-level typo would silently do nothing.
+        if last in RUNNER_OPTIONS:
+            return
+        raise ValueError(f"option {key!r}: the config has no top-level key {key!r}"
+                         f"{_did_you_mean(last, list(top) + list(RUNNER_OPTIONS))}")
+    where = ".".join(parts[:-1])
+    accepted, open_ended = _accepted_keys(parent, parts[:-1])
+    if accepted is not None and last in accepted:
+        return  # a keyword argument the config leaves at its default
+    if accepted is not None and not open_ended:
+        owner = parent.get("type", "DataLoader")
+        raise ValueError(f"option {key!r}: {where} ({owner}) takes no argument {last!r}"
+                         f"{_did_you_mean(last, sorted(accepted))} (it takes {', '.join(sorted(accepted))})")
+    # Extra keyword arguments (model and data set options) may be new, unless
+    # one is a typo of a key that is there: one edit away (new names two
+    # edits from an existing one are real, e.g. img_channels / in_channels).
+    near = [k for k in list(parent) + sorted(accepted or ()) if isinstance(k, str) and _one_edit_apart(last, k)]
+    if near:
+        raise ValueError(f"option {key!r}: the config has no key {last!r} in {where}; did you mean {near[0]!r}?")
+
+
+def _config_int(where: str, name: str, value, minimum: int) -> None:
+    try:
+        check_int(where, name, value, minimum)
+    except TypeError as e:  # for the CLI every bad config value is a usage error
+        raise ValueError(str(e)) from None
+
+
+def _check_config_values(cfg, path: str) -> None:
+    """Loop lengths, intervals and batch sizes that mmengine would take and then do nothing with (or divide by)."""
+    where = f"config {path}"
+    train_cfg = cfg.get("train_cfg")
+    if isinstance(train_cfg, dict):
+        for k in ("max_iters", "max_epochs", "val_interval"):
+            if k in train_cfg:
+                _config_int(where, f"train_cfg.{k}", train_cfg[k], 1)
+    for split in ("train", "val", "test"):
+        loader = cfg.get(f"{split}_dataloader")
+        if isinstance(loader, dict):
+            if "batch_size" in loader:
+                _config_int(where, f"{split}_dataloader.batch_size", loader["batch_size"], 1)
+            if "num_workers" in loader:
+                _config_int(where, f"{split}_dataloader.num_workers", loader["num_workers"], 0)
+    hooks = cfg.get("default_hooks")
+    if isinstance(hooks, dict):
+        for name in ("checkpoint", "logger"):
+            hook = hooks.get(name)
+            # CheckpointHook's interval -1 means "never" (mmengine's default).
+            if isinstance(hook, dict) and "interval" in hook and not (name == "checkpoint" and hook["interval"] == -1):
+                _config_int(where, f"default_hooks.{name}.interval", hook["interval"], 1)
+
+
 def build_runner(cfg, work_dir: Optional[str] = None, device: Optional[str] = None, amp: bool = False,
-                 resume: bool = False, load_from: Optional[str] = None):
+                 resume: bool = False, load_from: Optional[str] = None, launcher: Optional[str] = None,
+                 threads: Optional[int] = None):
     """An mmengine :class:`~mmengine.runner.Runner` from a loaded config.
 
     ``device`` ``"cpu"`` hides CUDA from the Runner (it picks CUDA whenever
     it sees one); ``amp`` switches the optimiser wrapper to mmengine's
     ``AmpOptimWrapper`` (float16 autocast; CUDA only).
-    """
-    from mmengine.runner import Runner
 
-    cfg = cfg.copy()
+    The runner is a :class:`~.checkpoints.CheckpointRunner` (checkpoints
+    written atomically); the work dir must be a writable folder
+    (``ValueError`` otherwise); ``resume`` continues from the last
+    checkpoint, or, if that is damaged, from the newest one that reads
+    (:func:`~.checkpoints.find_resume_checkpoint`, reported on stderr).
+
+    ``launcher`` (default: the config's ``launcher``, else ``"none"``):
+    ``"pytorch"`` (torchrun), ``"slurm"`` (srun) or ``"mpi"`` makes this
+    process one rank of a distributed run (:mod:`arnn_plugins.engine.distributed`):
+    the process group starts with ``env_cfg.dist_cfg.backend`` (``"auto"``
+    or unset: NCCL on CUDA, gloo on CPU), the model is wrapped in
+    mmengine's DistributedDataParallel (``find_unused_parameters`` from the
+    config, default ``False``; ``sync_bn='torch'`` converts BatchNorm on
+    CUDA), BatchNorm statistics are averaged across ranks after every step
+    (:class:`~arnn_plugins.engine.distributed.BufferSyncHook`), evaluators
+    gather results through the process group, and each process uses
+    ``threads`` CPU threads for torch and the C kernel (default: the
+    machine's cores divided by its processes). Only rank 0 writes logs and
+    checkpoints (mmengine).
+
+    Raises:
+        ValueError: a bad launcher, ``sync_bn``, ``randomness`` or backend
+            for this device, or ``--launcher none`` under torchrun / srun /
+            mpirun with several processes.
+    """
+    from .checkpoints import CheckpointRunner, check_work_dir
+    from .distributed import check_launcher
+
+    # Deep: the distributed set-up below fills in nested dicts (env_cfg,
+    # evaluators), which must not change the caller's config.
+    cfg = copy.deepcopy(cfg)
     if work_dir is not None:
         cfg.work_dir = work_dir
     if not cfg.get("work_dir"):
@@ -80,42 +235,208 @@ def build_runner(cfg, work_dir: Optional[str] = None, device: Optional[str] = No
         if ow is None or ow.get("constructor") is not None:
             raise ValueError("--amp: this config builds its own optimiser wrappers; set their type in the config")
         ow.type = "AmpOptimWrapper"
+    check_work_dir(cfg.work_dir)
     if resume:
         cfg.resume = True
+        if load_from is None and not cfg.get("load_from"):
+            # mmengine resumes from whatever last_checkpoint names, even a
+            # damaged file; pass that over for the newest one that reads.
+            cfg.load_from = _resume_from(cfg.work_dir)
     if load_from is not None:
         cfg.load_from = load_from
+    launcher = launcher if launcher is not None else cfg.get("launcher", "none")
+    check_launcher(launcher)
+    cfg.launcher = launcher
+    _check_randomness(cfg.get("randomness"))
+    sync_bn = cfg.get("sync_bn")
+    if sync_bn is not None and sync_bn not in ("torch", "mmcv"):
+        raise ValueError(f"sync_bn must be 'torch', 'mmcv' or None, got {sync_bn!r}")
+    if threads is not None:
+        check_int("build_runner", "threads", threads)
+    if launcher == "none":
+        dist_setup = None
+        if threads is not None:
+            torch.set_num_threads(threads)
+    else:
+        dist_setup = _setup_distributed(cfg, launcher, device, threads)
     cfg.setdefault("custom_imports", dict(imports=["arnn_plugins.engine"], allow_failed_imports=False))
-    return Runner.from_cfg(cfg)
+    runner = CheckpointRunner.from_cfg(cfg)  # mmengine's Runner, checkpoints written atomically
+    if dist_setup is not None:
+        info, backend = dist_setup
+        runner.logger.info(
+            f"distributed: launcher {launcher}, backend {backend}, {info.world_size} "
+            f"processes ({info.local_world_size} on this machine), {torch.get_num_threads()} CPU threads each")
+    return runner
 
 
-def prepare_runner(config: str, options: Optional[Dict] = None, **runner_kwargs):
-    """:func:`load_config` then :func:`build_runner` (``work_dir``, ``device``, ``amp``, ``resume``, ``load_from``).
+def _resume_from(work_dir: str) -> Optional[str]:
+    """The checkpoint to resume from (:func:`~.checkpoints.find_resume_checkpoint`); damage is reported on stderr."""
+    from .checkpoints import find_resume_checkpoint
 
-    What ``arnn-plugins train`` and ``eval`` run; a name that no registry
-    knows (``type='...'`` typo) becomes a ``ValueError`` naming the config.
+    path, skipped = find_resume_checkpoint(work_dir)
+    for _, reason in skipped:
+        print(f"warning: --resume: passing over {reason}", file=sys.stderr)
+    if path is None and skipped:
+        raise ValueError(f"--resume: no checkpoint in {work_dir} can be read ({len(skipped)} tried; first: "
+                         f"{skipped[0][1]}); train without --resume to start again")
+    if skipped:
+        print(f"warning: --resume: resuming from {path}, the newest checkpoint that reads; the iterations "
+              "after it are trained again", file=sys.stderr)
+    return path
+
+
+def _check_randomness(randomness) -> None:
+    """``randomness`` is what mmengine's ``Runner.set_randomness`` takes; a misspelt key would be dropped silently."""
+    if randomness is None:
+        return
+    if not isinstance(randomness, dict):
+        raise ValueError(f"randomness must be a dict (seed, diff_rank_seed, deterministic), got {randomness!r}")
+    unknown = sorted(set(randomness) - {"seed", "diff_rank_seed", "deterministic"})
+    if unknown:
+        raise ValueError(f"randomness: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         "known: 'seed', 'diff_rank_seed', 'deterministic'")
+    seed = randomness.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"randomness.seed must be an int or None, got {seed!r}")
+
+
+def _setup_distributed(cfg, launcher: str, device: Optional[str], threads: Optional[int]):
+    """Start the process group and fill in the config's distributed parts (see :func:`build_runner`)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mmengine.registry import MODEL_WRAPPERS
+
+    from .distributed import init_distributed, pick_backend, threads_per_process
+
+    if device is not None and device.startswith("cuda:"):
+        raise ValueError(f"--device {device}: in a distributed run each process uses the GPU of its local rank; "
+                         "pass --device cuda")
+    cuda = device != "cpu" and torch.cuda.is_available()
+    env_cfg = cfg.setdefault("env_cfg", dict())
+    dist_cfg = env_cfg.setdefault("dist_cfg", dict())
+    backend = pick_backend(dist_cfg.get("backend"), cuda)
+    sync_bn = cfg.get("sync_bn")
+    if sync_bn is not None and not cuda:
+        raise ValueError(f"sync_bn={sync_bn!r} needs CUDA: SyncBatchNorm synchronises GPU tensors only. On CPU "
+                         "leave sync_bn unset; BatchNorm statistics are then averaged across ranks after every step")
+    extra = {k: v for k, v in dist_cfg.items() if k not in ("backend", "init_backend", "port")}
+    if dist_cfg.get("init_backend", "torch") != "torch":
+        raise ValueError(f"env_cfg.dist_cfg.init_backend={dist_cfg['init_backend']!r} is not supported here; "
+                         "use 'torch'")
+    if dist_cfg.get("port") is not None:
+        os.environ["MASTER_PORT"] = str(dist_cfg["port"])
+    dist_cfg["backend"] = backend
+    info = init_distributed(launcher, backend, **extra)
+    # Both ARNN's scan kernel and torch's ops use torch's thread count; N
+    # processes with all cores each would oversubscribe the machine N times.
+    torch.set_num_threads(threads if threads is not None else threads_per_process(info.local_world_size))
+    # mmengine passes device_ids=[LOCAL_RANK], which DDP refuses for a CPU
+    # module, and which names a GPU this process cannot see when srun gives
+    # each task its own (--gpus-per-task 1). The wrapper config's own keys
+    # take precedence over that: the device init_distributed selected.
+    wrapper = cfg.get("model_wrapper_cfg") or dict(
+        type="MMDistributedDataParallel", broadcast_buffers=False,
+        find_unused_parameters=cfg.get("find_unused_parameters", False))
+    wrapper_type = MODEL_WRAPPERS.get(wrapper.get("type", "MMDistributedDataParallel"))
+    if isinstance(wrapper_type, type) and issubclass(wrapper_type, DistributedDataParallel):
+        wrapper.setdefault("device_ids", [torch.cuda.current_device()] if cuda else None)
+    cfg.model_wrapper_cfg = wrapper
+    hooks = list(cfg.get("custom_hooks") or [])
+    if not any(h.get("type") == "BufferSyncHook" for h in hooks):
+        hooks.append(dict(type="BufferSyncHook"))
+    cfg.custom_hooks = hooks
+    # mmengine's default collect_device 'cpu' gathers validation results
+    # through a temporary folder that every rank must see, which machines
+    # without a shared /tmp do not; 'gpu' gathers through the process group
+    # (all_gather_object), which gloo does on CPU too.
+    for key in ("val_evaluator", "test_evaluator"):
+        ev = cfg.get(key)
+        for metric in (ev if isinstance(ev, (list, tuple)) else [ev]):
+            if isinstance(metric, dict) and "type" in metric:
+                metric.setdefault("collect_device", "gpu")
+    return info, backend
+
+
+# What each of mmengine's loops needs from a config (its Runner asks for all or none of them).
+LOOP_PARTS = {
+    "train": ("train_dataloader", "train_cfg", "optim_wrapper"),
+    "val": ("val_dataloader", "val_cfg", "val_evaluator"),
+    "test": ("test_dataloader", "test_cfg", "test_evaluator"),
+}
+
+
+def _bad_config(config: str, e: BaseException) -> ValueError:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    return ValueError(f"bad config {config}: {msg}")
+
+
+def prepare_runner(config: str, options: Optional[Dict] = None, loops: Sequence[str] = (), **runner_kwargs):
+    """:func:`load_config` then :func:`build_runner` (``work_dir``, ``device``, ``amp``, ``resume``, ``load_from``,
+    ``launcher``, ``threads``), then build ``loops`` (``"train"``, ``"val"``, ``"test"``: see :func:`build_loop`).
+
+    What ``arnn-plugins train`` and ``eval`` run. A mistake in the config
+    becomes a ``ValueError`` naming the config: a name that no registry knows
+    (``type='...'`` typo), an argument a class refuses, or missing parts for
+    a loop. Building the loops here, before any work, is what makes a bad
+    data set or loop argument such an error rather than a traceback later.
     """
     cfg = load_config(config, options)
+    for loop in loops:
+        missing = [k for k in LOOP_PARTS[loop] if not cfg.get(k)]
+        if missing:
+            raise ValueError(f"config {config} has no {', '.join(missing)}: it cannot {_LOOP_VERB[loop]}")
     try:
-        return build_runner(cfg, **runner_kwargs)
-    except KeyError as e:  # mmengine's registries say "X is not in the Y registry"
-        raise ValueError(f"bad config {config}: {e.args[0] if e.args else e}") from e
+        runner = build_runner(cfg, **runner_kwargs)
+    except (KeyError, TypeError) as e:  # registries: "X is not in the Y registry"; classes: bad arguments
+        raise _bad_config(config, e) from e
+    for loop in loops:
+        build_loop(runner, loop, config)
+    return runner
 
 
-def build_model(cfg, checkpoint: Optional[str] = None, device: Optional[str] = None):
-    """The config's model (``cfg.model``), with ``checkpoint``'s weights, on ``device`` (default CPU), in eval mode."""
+_LOOP_VERB = {"train": "train", "val": "validate", "test": "test"}
+
+
+def build_loop(runner, loop: str, config: str = "the config"):
+    """Build ``runner``'s ``"train"``, ``"val"`` or ``"test"`` loop now (its data set and evaluator with it).
+
+    mmengine builds them lazily, when the loop first runs; building them
+    here turns a bad data set or loop argument into a ``ValueError`` naming
+    ``config``. Returns the loop.
+    """
+    if getattr(runner, f"_{loop}_loop") is None:
+        raise ValueError(f"config {config} has no {', '.join(LOOP_PARTS[loop])}: it cannot {_LOOP_VERB[loop]}")
+    try:
+        return getattr(runner, f"{loop}_loop")
+    except (KeyError, TypeError, ValueError) as e:
+        raise _bad_config(config, e) from e
+
+
+def build_model(cfg, checkpoint: Optional[str] = None, device: Optional[str] = None, strict: bool = True):
+    """The config's model (``cfg.model``), with ``checkpoint``'s weights, on ``device`` (default CPU), in eval mode.
+
+    The checkpoint is read safely and must fit the model key by key and
+    shape by shape (``strict``; see :func:`~.checkpoints.load_weights`).
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: a bad config, a damaged checkpoint (the message names the
+            file and what is wrong), or one that does not fit the model (the
+            message lists the keys).
+    """
     from mmengine.registry import MODELS
-    from mmengine.runner import load_checkpoint
+
+    from .checkpoints import load_weights
 
     check_device(device)
     if checkpoint is not None and not osp.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     try:
         model = MODELS.build(cfg.model)
-    except KeyError as e:
-        raise ValueError(f"bad config {cfg.filename}: {e.args[0] if e.args else e}") from e
+    except (KeyError, TypeError) as e:
+        raise _bad_config(cfg.filename, e) from e
     if checkpoint is not None:
-        with checkpoint_loading():
-            load_checkpoint(model, checkpoint, map_location="cpu", logger="silent")
+        load_weights(model, checkpoint, strict=strict)
     return model.to(device or "cpu").eval()
 
 
@@ -130,22 +451,14 @@ def last_checkpoint(work_dir: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def checkpoint_loading():
-    """Let ``torch.load`` read mmengine checkpoints in this block.
+    """Let ``torch.load`` read mmengine checkpoints in this block, safely.
 
-    torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine
-    0.10 checkpoints hold its message hub (logging buffers, numpy values),
-    which that refuses; mmengine does not pass ``weights_only``. Only load
-    checkpoints you trust (as with any pickle).
+    torch >= 2.6 loads with ``weights_only=True`` by default and mmengine
+    calls it without ``weights_only``; mmengine 0.10 checkpoints hold its
+    message hub (log buffers, numpy values), which torch's allow-list lacks.
+    This block adds exactly those types
+    (:func:`arnn_plugins.finetune.checkpoint_safe_globals`), so resuming and
+    ``load_from`` work while a file holding anything else is still refused.
     """
-    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-    old = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+    with safe_checkpoint_globals():
+        yield

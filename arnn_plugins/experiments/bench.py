@@ -26,21 +26,17 @@ on CPU the profiler's allocation events).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
-import sys
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arnn import AttentionRNN
 from ..ops import available_backends, diagonal_lstm
+from .memory import memory_mb
 
 __all__ = ["naive_scan", "memory_mb", "bench_layer", "bench_scan", "bench_resnet", "format_table", "run"]
 
@@ -94,6 +90,7 @@ class Row:
     ratio: Optional[float] = None
     vs_naive: Optional[float] = None
     max_err: Optional[float] = None  # max |forward output - reference backend's|, same input and weights
+    compile_s: Optional[float] = None  # first train step and forward of a compiled model, compilation included
 
 
 def _sync(device: torch.device) -> None:
@@ -127,91 +124,6 @@ def _interleaved_medians(cases: Dict[str, Callable[[], object]], device: torch.d
                 progress(f"{name} ({r + 1}/{repeats})")
             times[name].append(_time_ms(fn, device))
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-@contextlib.contextmanager
-def _quiet_fd2():
-    """Silence file descriptor 2 (the profiler library logs there from C++)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-_MARK = "arnn_plugins.experiments.bench.backward"
-
-
-def _cpu_allocations(fn: Callable[[], None]) -> Tuple[List[tuple], Optional[int]]:
-    """CPU allocator events during ``fn()`` and the start time of the backward mark.
-
-    Events are ``(time_ns, bytes, total_allocated)`` in order; the mark is
-    where ``fn`` entered ``record_function(_MARK)`` (``None`` if it did not).
-    ``total_allocated`` is the allocator's running total over the memory
-    allocated while profiling, so its level minus the level before the
-    first event is what ``fn`` holds at that moment.
-    """
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with warnings.catch_warnings(), _quiet_fd2():
-        warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    found, mark = [], None
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.name == _MARK:
-            mark = node.start_time_ns if mark is None else min(mark, node.start_time_ns)
-        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
-            found.append((node.start_time_ns, node.typed[1].alloc_size, node.typed[1].total_allocated))
-    return sorted(found), mark
-
-
-def memory_mb(forward: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float, float]:
-    """``(held, peak)`` in MB for ``out = forward()`` then ``out.sum().backward()``.
-
-    ``held``: what is still allocated when the forward has returned (the
-    activations kept for backward, plus the output); ``peak``: the highest
-    allocation during the backward (gradients included). Both count from the
-    level before the forward, so ``peak / held`` is how much the backward
-    needs over what the forward kept. CUDA: the caching allocator's counters;
-    CPU: the profiler's allocation events.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        loss = forward().float().sum()
-        torch.cuda.synchronize(device)
-        held = torch.cuda.memory_allocated(device) - base
-        torch.cuda.reset_peak_memory_stats(device)
-        loss.backward()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        return held / 2**20, max(peak, held) / 2**20
-
-    from torch.profiler import record_function
-
-    def run():
-        loss = forward().float().sum()
-        with record_function(_MARK):
-            loss.backward()
-
-    events, mark = _cpu_allocations(run)
-    if not events or mark is None:
-        return 0.0, 0.0
-    base = events[0][2] - events[0][1]
-    before = [tot for ts, _, tot in events if ts < mark]
-    after = [tot for ts, _, tot in events if ts >= mark]
-    held = (before[-1] if before else base) - base
-    peak = max(after, default=held + base) - base
-    return held / 2**20, max(peak, held) / 2**20
 
 
 # Peers that are not backends: passed to the layer or the scan as callables,
@@ -344,10 +256,14 @@ def bench_resnet(
     repeats: int = 3,
     backend: str = "auto",
     progress: Optional[Callable[[str], None]] = None,
+    compile: bool = False,
 ) -> List[Row]:
     """Train-step time of timm ResNet18, +CBAM, and +CBAM with ARNN spatial branch.
 
-    The ratio column is each model's step time over the CBAM model's.
+    The ratio column is each model's step time over the CBAM model's. With
+    ``compile`` every model runs through ``torch.compile`` (inductor); the
+    time of its first training step and forward, compilation included, is
+    reported apart (``compile_s``) and left out of the medians.
     """
     import timm
 
@@ -364,10 +280,11 @@ def bench_resnet(
     arnn = timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam"))
     swap_attention(arnn, mode="replace", backend=backend)
     models["resnet18+cbam+arnn"] = arnn
-    fwd, steps, mem = {}, {}, {}
+    fwd, steps, mem, compile_s = {}, {}, {}, {}
     for name, model in models.items():
         model.to(dev).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model = torch.compile(model) if compile else model
 
         def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
@@ -381,10 +298,14 @@ def bench_resnet(
                 model(x)
 
         fwd[f"{name} fwd"], steps[f"{name} step"] = f, step
+        if compile:
+            if progress:
+                progress(f"compile {name}")
+            compile_s[name] = (_time_ms(step, dev) + _time_ms(f, dev)) / 1e3
         mem[name] = memory_mb(lambda model=model: F.cross_entropy(model(x), y), dev)
         model.zero_grad(set_to_none=True)
     ms = _interleaved_medians({**fwd, **steps}, dev, repeats, progress)
-    rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} step"], *mem[n]) for n in models]
+    rows = [Row(n, ms[f"{n} fwd"], ms[f"{n} step"], *mem[n], compile_s=compile_s.get(n)) for n in models]
     cbam = rows[1].fwdbwd_ms
     for r in rows:
         r.ratio = r.fwdbwd_ms / cbam
@@ -394,9 +315,11 @@ def bench_resnet(
 def format_table(title: str, rows: List[Row], ratio_label: str, step_label: str = "fwd+bwd ms") -> str:
     """Markdown table of benchmark rows (a speed-up vs naive column when measured)."""
     naive = any(r.vs_naive is not None for r in rows)
+    compiled = any(r.compile_s is not None for r in rows)
     head = (f"| case | fwd ms | {step_label} | {ratio_label} |" + (" speed-up vs naive |" if naive else "")
-            + " held MB | backward peak MB | peak / held |")
-    lines = [f"**{title}**", "", head, "|---|---:|---:|---:|" + ("---:|" if naive else "") + "---:|---:|---:|"]
+            + " held MB | backward peak MB | peak / held |" + (" compile s |" if compiled else ""))
+    lines = [f"**{title}**", "", head, "|---|---:|---:|---:|" + ("---:|" if naive else "") + "---:|---:|---:|"
+             + ("---:|" if compiled else "")]
     for r in rows:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         line = f"| {r.name} | {r.fwd_ms:.1f} | {r.fwdbwd_ms:.1f} | {ratio} |"
@@ -404,15 +327,19 @@ def format_table(title: str, rows: List[Row], ratio_label: str, step_label: str 
             line += f" {r.vs_naive:.2f}x |"
         rel = f"{r.peak_mb / r.held_mb:.2f}x" if r.held_mb > 0 else ""
         line += f" {r.held_mb:.1f} | {r.peak_mb:.1f} | {rel} |"
+        if compiled:
+            line += f" {r.compile_s:.1f} |"
         lines.append(line)
     return "\n".join(lines)
 
 
 def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool = True,
-        batch: Optional[int] = None, amp: bool = False, size: Optional[int] = None, scan: bool = False) -> str:
+        batch: Optional[int] = None, amp: bool = False, size: Optional[int] = None, scan: bool = False,
+        compile: bool = False) -> str:
     """Run the benchmarks with a progress bar; returns the markdown tables.
 
-    ``scan=True`` adds a table of the bare scan (:func:`bench_scan`) first.
+    ``scan=True`` adds a table of the bare scan (:func:`bench_scan`) first;
+    ``compile=True`` adds the ResNet18 table for ``torch.compile`` d models.
     """
     from tqdm import tqdm
 
@@ -442,4 +369,9 @@ def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool 
             parts.append(format_table(
                 f"timm ResNet18 train step, batch {b}, 128x128, {device}{' AMP' if amp else ''}",
                 rows, "time vs +CBAM", step_label="train step ms"))
+            if compile:
+                rows = bench_resnet(batch=b, device=device, amp=amp, repeats=repeats, progress=progress, compile=True)
+                parts.append(format_table(
+                    f"timm ResNet18 train step, torch.compile, batch {b}, 128x128, {device}{' AMP' if amp else ''}",
+                    rows, "time vs +CBAM", step_label="train step ms"))
     return "\n\n".join(parts)

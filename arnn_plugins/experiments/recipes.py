@@ -158,7 +158,7 @@ def pan_config(attention: str, scale: Scale, *, variant: str = "mbg", task: str 
         log_processor=dict(by_epoch=False, window_size=max(1, min(20, iters // 10))),
         log_level=log_level,
         randomness=dict(seed=seed),
-        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
+        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="auto")),  # NCCL on CUDA, gloo on CPU
         default_scope=None,
     )
     if n_val:

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..checks import check_int
 from .recipes import KIND_NAMES, PAPER, SCALES, Scale, pan_config, run_pan
 
 __all__ = ["reproduce", "format_tables"]
@@ -209,8 +210,7 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
         sc = SCALES[scale]
     else:
         raise ValueError(f"reproduce: scale must be one of {list(SCALES)} or a Scale, got {scale!r}")
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"reproduce: jobs must be an int >= 1, got {jobs!r}")
+    check_int("reproduce", "jobs", jobs)
     os.makedirs(out, exist_ok=True)
     json_path, md_path = osp.join(out, "results.json"), osp.join(out, "results.md")
     results = {"scale_name": scale, "scale": asdict(sc), "runs": [], "machine": _machine(), "wall_s": 0.0}

@@ -183,8 +183,7 @@ class LSTMQuestionEncoder(nn.Module):
         dropout: float = 0.3,
     ) -> None:
         super().__init__()
-        if not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"LSTMQuestionEncoder: vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_int("LSTMQuestionEncoder", "vocab_size", vocab_size, minimum=2)
         self.pad_id = pad_id
         self.out_dim = num_layers * hidden_size
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)

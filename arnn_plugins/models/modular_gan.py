@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checks import check_image, check_odd_kernel
+from ..checks import check_image, check_int, check_odd_kernel
 
 __all__ = [
     "LocalMask",
@@ -135,8 +135,7 @@ class TransformerModule(nn.Module):
 
     def __init__(self, channels: int, num_values: int, n_res: int = 3, mask: Optional[nn.Module] = None) -> None:
         super().__init__()
-        if not isinstance(num_values, int) or num_values < 2:
-            raise ValueError(f"TransformerModule: num_values must be an int >= 2, got {num_values!r}")
+        check_int("TransformerModule", "num_values", num_values, minimum=2)
         self.channels = channels
         self.num_values = num_values
         self.inp = nn.Sequential(

@@ -233,7 +233,9 @@ class PAN(nn.Module):
         if not isinstance(query, torch.Tensor):
             raise TypeError(f"PAN: expected query a tensor of shape (B,) int or (B, {self.num_queries}) float")
         if query.dim() == 1 and not query.is_floating_point():
-            if query.numel() and (query.min() < 0 or query.max() >= self.num_queries):
+            # A value check reads the data: eager only (a captured graph cannot branch on it).
+            if not torch.compiler.is_compiling() and query.numel() and (
+                    query.min() < 0 or query.max() >= self.num_queries):
                 raise ValueError(f"PAN: query indices must lie in [0, {self.num_queries}), got "
                                  f"[{int(query.min())}, {int(query.max())}]")
             return F.one_hot(query.long(), self.num_queries).float().to(device)

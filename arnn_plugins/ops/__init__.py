@@ -33,8 +33,9 @@ import torch
 
 # Modules, not their functions: binding the name ``triton_scan`` to the
 # function here would hide the submodule ``arnn_plugins.ops.triton_scan``.
-from . import cpu_kernel, triton_scan
+from . import cpu_kernel, library, triton_scan
 from .fused import fused_scan_torch
+from .library import onnx_decompositions
 from .reference import reference_scan
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "check_backend",
     "diagonal_lstm",
     "fused_scan",
+    "onnx_decompositions",
     "reference_scan",
     "register_backend",
     "resolve_backend",
@@ -138,9 +140,31 @@ def diagonal_lstm(gx: torch.Tensor, weight_hh: torch.Tensor, backend: Backend = 
         raise ValueError(f"AttentionRNN: backend {backend!r} is not available here; available: {backend_names()}")
     out_dtype = gx.dtype
     cdtype = _compute_dtype(out_dtype)
-    with torch.autocast(device_type=gx.device.type, enabled=False):
+    if torch.is_autocast_enabled(gx.device.type):
+        with torch.autocast(device_type=gx.device.type, enabled=False):
+            h = fn(gx.to(cdtype), weight_hh.to(cdtype))
+    else:
+        # No autocast region to leave: an exported graph then has no autocast wrapper around the scan.
         h = fn(gx.to(cdtype), weight_hh.to(cdtype))
     return h.to(out_dtype)
+
+
+@torch._dynamo.assume_constant_result
+def _c_kernel_ready() -> bool:
+    # A constant to the tracer: building or loading the library (ctypes) is
+    # not something a graph can contain.
+    return cpu_kernel.available()
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being captured into a graph (compile, export, jit.trace, fake tensors).
+
+    There the scan must be an operator (:mod:`.library`); in eager mode the
+    ``autograd.Function`` s are used, whose backward may spend saved buffers.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return torch._subclasses.fake_tensor.is_fake(x)
 
 
 def fused_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
@@ -148,15 +172,30 @@ def fused_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
 
     On CPU it runs the compiled raster-order kernel of :mod:`.cpu_kernel`
     when that builds here (one sequence per thread, no per-step dispatch),
-    else, and on other devices, :func:`.fused.fused_scan_torch`.
+    else, and on other devices, :func:`.fused.fused_scan_torch`; under graph
+    capture the same kernels as the operators ``arnn_plugins::scan_cpu`` /
+    ``scan_torch``.
     """
-    if gx.device.type == "cpu" and cpu_kernel.available():
+    on_cpu = gx.device.type == "cpu"
+    if on_cpu and _c_kernel_ready():
+        if _capturing(gx):
+            return library.scan_cpu(gx, weight_hh.to(gx.dtype))[0]
         return cpu_kernel.c_scan(gx, weight_hh)
+    if _capturing(gx):
+        return library.scan_torch(gx, weight_hh.to(gx.dtype))[0]
     return fused_scan_torch(gx, weight_hh)
+
+
+def triton_backend(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
+    """``backend="triton"``; the operator ``arnn_plugins::scan_triton`` under graph capture."""
+    if _capturing(gx):
+        triton_scan.check_inputs(gx, weight_hh)
+        return library.scan_triton(gx, weight_hh)[0].permute(0, 1, 4, 2, 3)
+    return triton_scan.triton_scan(gx, weight_hh)
 
 
 # The registry, in one place.
 register_backend("reference", reference_scan)
 register_backend("fused", fused_scan)
 if triton_scan.HAS_TRITON:
-    register_backend("triton", triton_scan.triton_scan)
+    register_backend("triton", triton_backend)

@@ -32,13 +32,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["SOURCE_FILE", "available", "c_scan", "library_path", "load", "source"]
+__all__ = ["SOURCE_FILE", "available", "c_scan", "library_path", "load", "scan_backward", "scan_forward", "source"]
 
 # The C source ships as package data next to this module (setup.cfg
 # [options.package_data]); read at build time, never copied into Python.
@@ -99,6 +100,15 @@ def _compile(text: str, path: str) -> None:
         os.replace(tmp_target, path)
 
 
+def _reason(e: BaseException) -> str:
+    if isinstance(e, subprocess.CalledProcessError):
+        err = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+        return f"{e.cmd[0]} failed: {err[-1] if err else e}"
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"no such file: {e.filename}"
+    return f"{type(e).__name__}: {e}"
+
+
 def load():
     """The compiled kernel library, building it on first use; ``None`` if unavailable."""
     global _lib
@@ -117,8 +127,15 @@ def load():
             if not os.path.exists(path):
                 _compile(text, path)
             lib = ctypes.CDLL(path)
-        except (OSError, RuntimeError, subprocess.SubprocessError):
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _lib = False
+            # Once per process: the scan still works, only slower, and the
+            # user should know why (a missing compiler, an unwritable cache).
+            warnings.warn(
+                f"arnn_plugins: the CPU scan kernel could not be built or loaded ({_reason(e)}); AttentionRNN "
+                "uses the slower PyTorch scan. Set CC to a C compiler, or ARNN_PLUGINS_CACHE to a writable "
+                "folder; ARNN_PLUGINS_NO_CC=1 chooses the PyTorch scan without this warning.",
+                RuntimeWarning, stacklevel=2)
             return None
         _lib = lib
         return lib
@@ -170,58 +187,85 @@ def _features_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
 
 
+def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor):
+    """Run the forward kernel; returns ``(h, cells, acts)``.
+
+    Args:
+        gx: ``(B, D, 4t, H, W)`` float32/float64 CPU gate inputs, any strides.
+        weight_hh: ``(D, 4t, t, 2)``, same dtype.
+
+    Returns:
+        ``h`` ``(B, D, t, H, W)`` (a features-last view), and what the
+        backward needs: ``cells`` ``(D * B, H, W, t)`` and the gate
+        activations ``acts`` ``(D * B, H, W, 4t)``.
+    """
+    lib = load()
+    b, d, g4, h, w = gx.shape
+    t = g4 // 4
+    fwd = getattr(lib, "arnn_fwd_f64" if gx.dtype == torch.float64 else "arnn_fwd_f32")
+    gx = _features_last(gx)
+    wt = weight_hh.permute(0, 3, 2, 1).contiguous()  # (D, 2, t, 4t)
+    hid = gx.new_empty(b, h, w, d, t).permute(0, 3, 4, 1, 2)  # (B, D, t, H, W), features last
+    cbuf = gx.new_empty(d * b, h, w, t)
+    acts = gx.new_empty(d * b, h, w, g4)
+    args_g, args_h = _strides(gx), _strides(hid)
+
+    def run(s0, s1):
+        fwd(_ptr(gx), *args_g, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
+            ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t), ctypes.c_int(s0), ctypes.c_int(s1))
+
+    _run_chunks(run, d * b)
+    return hid, cbuf, acts
+
+
+def scan_backward(grad_h: torch.Tensor, weight_hh: torch.Tensor, hid: torch.Tensor, cbuf: torch.Tensor,
+                  acts: torch.Tensor, overwrite: bool = False):
+    """Run the backward kernel on what :func:`scan_forward` returned; returns ``(grad_gx, grad_weight_hh)``.
+
+    ``grad_h`` is ``(B, D, t, H, W)`` with any strides. With ``overwrite``
+    the input gradient is written over ``acts`` (which is then spent), cell
+    by cell as they are consumed, so the backward allocates next to nothing.
+    Either way ``grad_gx`` has the ``(D, B, H, W, 4t)`` memory layout the
+    layer's input projection writes, so it flows on without a layout copy.
+    """
+    return _backward(grad_h, weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts, overwrite)
+
+
+def _backward(grad_h, wg, hid, cbuf, acts, overwrite):
+    # wg: K_h as the kernel reads it, (D, 2, 4t, t) contiguous.
+    b, d, t, h, w = hid.shape
+    lib = load()
+    bwd = getattr(lib, "arnn_bwd_f64" if hid.dtype == torch.float64 else "arnn_bwd_f32")
+    dz = acts if overwrite else torch.empty_like(acts)
+    dgx = dz.view(d, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
+    dwt = hid.new_empty(d, b, 2, t, 4 * t)
+    sb, sd, sf, si, sj = grad_h.stride()
+    args_o = [ctypes.c_long(v) for v in (sb, sd, sf, si, sj)]
+    args_h, args_d = _strides(hid), _strides(dgx)
+
+    def run(s0, s1):
+        bwd(_ptr(grad_h), *args_o, _ptr(wg), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts), _ptr(dgx), *args_d,
+            _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t),
+            ctypes.c_int(s0), ctypes.c_int(s1))
+
+    _run_chunks(run, d * b)
+    return dgx, dwt.sum(1).permute(0, 3, 2, 1)  # (D, 4t, t, 2)
+
+
 class _CScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
-        lib = load()
-        b, d, g4, h, w = gx.shape
-        t = g4 // 4
-        suf = "f64" if gx.dtype == torch.float64 else "f32"
-        gx = _features_last(gx)
-        wt = weight_hh.permute(0, 3, 2, 1).contiguous()  # (D, 2, t, 4t)
-        hid = gx.new_empty(b, h, w, d, t).permute(0, 3, 4, 1, 2)  # (B, D, t, H, W), features last
-        cbuf = gx.new_empty(d * b, h, w, t)
-        acts = gx.new_empty(d * b, h, w, g4)
-        fwd = getattr(lib, f"arnn_fwd_{suf}")
-        args_g, args_h = _strides(gx), _strides(hid)
-
-        def run(s0, s1):
-            fwd(_ptr(gx), *args_g, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
-                ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t), ctypes.c_int(s0), ctypes.c_int(s1))
-
-        _run_chunks(run, d * b)
+        hid, cbuf, acts = scan_forward(gx, weight_hh)
         ctx.save_for_backward(weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts)
-        ctx.suf = suf
         return hid
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_h: torch.Tensor):
         wg, hid, cbuf, acts = ctx.saved_tensors
-        b, d, t, h, w = hid.shape
-        lib = load()
         # When the graph is freed after this backward (no retain_graph, no
-        # create_graph), the gradient is written over the saved gate
-        # activations, cell by cell as they are consumed, so the backward
-        # allocates next to nothing. Either way it has the (D, B, H, W, 4t)
-        # layout the layer's input projection writes, so it flows on
-        # without a layout copy.
-        dz = acts if not _graph_kept() else torch.empty_like(acts)
-        dgx = dz.view(d, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
-        dwt = hid.new_empty(d, b, 2, t, 4 * t)
-        bwd = getattr(lib, f"arnn_bwd_{ctx.suf}")
-        sb, sd, sf, si, sj = grad_h.stride()
-        args_o = [ctypes.c_long(v) for v in (sb, sd, sf, si, sj)]
-        args_h, args_d = _strides(hid), _strides(dgx)
-
-        def run(s0, s1):
-            bwd(_ptr(grad_h), *args_o, _ptr(wg), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts), _ptr(dgx), *args_d,
-                _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t),
-                ctypes.c_int(s0), ctypes.c_int(s1))
-
-        _run_chunks(run, d * b)
-        grad_w = dwt.sum(1).permute(0, 3, 2, 1)  # (D, 4t, t, 2)
-        return dgx, grad_w
+        # create_graph), the saved activations may be spent.
+        return _backward(grad_h, wg, hid, cbuf, acts, overwrite=not _graph_kept())
 
 
 def c_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:

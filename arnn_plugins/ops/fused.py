@@ -23,8 +23,9 @@ from functools import lru_cache
 from typing import List, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
-__all__ = ["fused_scan_torch"]
+__all__ = ["fused_scan_torch", "scan_backward", "scan_forward"]
 
 
 @lru_cache(maxsize=64)
@@ -65,20 +66,38 @@ def _from_steps(y: torch.Tensor, inverse: torch.Tensor, h: int, w: int) -> torch
     return out.view(b, h, w, d, f).permute(0, 3, 4, 1, 2)
 
 
-class _FusedScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
-        b, d, g4, h, w = gx.shape
-        t = g4 // 4
-        steps, order, inverse = _plan(h, w)
-        order, inverse = order.to(gx.device), inverse.to(gx.device)
-        w_up = weight_hh[..., 0].transpose(1, 2).contiguous()  # (D, t, 4t)
-        w_left = weight_hh[..., 1].transpose(1, 2).contiguous()
+def _recurrent(weight_hh: torch.Tensor):
+    """``K_h`` ``(D, 4t, t, 2)`` as the right operands of the per-step products: ``(D, t, 4t)`` each."""
+    return weight_hh[..., 0].transpose(1, 2).contiguous(), weight_hh[..., 1].transpose(1, 2).contiguous()
 
-        # Gate activations are written over the gathered inputs in place.
-        acts = _to_steps(gx, order)  # (D, cells, B, 4t)
-        hbuf = gx.new_empty(len(steps) + 1, d, h + 1, b, t)
-        cbuf = gx.new_empty(len(steps) + 1, d, h + 1, b, t)
+
+def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor, defined: bool = False):
+    """The anti-diagonal forward scan; returns ``(h, acts, hbuf, cbuf)``.
+
+    Args:
+        gx: ``(B, D, 4t, H, W)``; weight_hh: ``(D, 4t, t, 2)``.
+        defined: zero the state buffers' cells that no step writes (the
+            skew's padding) instead of leaving them undefined, so that every
+            returned value is a function of the inputs (operators must be).
+
+    Returns:
+        ``h`` ``(B, D, t, H, W)`` (a channels-last view), and what the
+        backward needs: the gate activations ``acts`` ``(D, H * W, B, 4t)``
+        in step order, and the per-step hidden and cell buffers ``hbuf``,
+        ``cbuf`` ``(W + H, D, H + 1, B, t)``.
+    """
+    b, d, g4, h, w = gx.shape
+    t = g4 // 4
+    steps, order, inverse = _plan(h, w)
+    order, inverse = order.to(gx.device), inverse.to(gx.device)
+    w_up, w_left = _recurrent(weight_hh)
+
+    # Gate activations are written over the gathered inputs in place.
+    acts = _to_steps(gx, order)  # (D, cells, B, 4t)
+    alloc = gx.new_zeros if defined else gx.new_empty
+    hbuf = alloc(len(steps) + 1, d, h + 1, b, t)
+    cbuf = alloc(len(steps) + 1, d, h + 1, b, t)
+    if not defined:
         # Only states that are read without having been written must be
         # zero: the padding row above the image, and at step k the row k
         # (column -1 of it, left of the image) of the previous column.
@@ -86,64 +105,83 @@ class _FusedScan(torch.autograd.Function):
         for buf in (hbuf, cbuf):
             buf[:, :, 0] = 0
             buf[diag, :, diag + 1] = 0
-        for k, (lo, hi, off) in enumerate(steps):
-            n = hi - lo + 1
-            z = acts[:, off : off + n]  # (D, n, B, 4t) view
-            zf = z.reshape(d, n * b, g4)
-            zf.baddbmm_(hbuf[k, :, lo : hi + 1].reshape(d, n * b, t), w_up)
-            zf.baddbmm_(hbuf[k, :, lo + 1 : hi + 2].reshape(d, n * b, t), w_left)
-            z[..., : 3 * t].sigmoid_()
-            z[..., 3 * t :].tanh_()
-            o, f, i, g = z.split(t, dim=-1)
-            c = cbuf[k + 1, :, lo + 1 : hi + 2]
-            torch.mul(f, cbuf[k, :, lo + 1 : hi + 2], out=c)
-            c.addcmul_(i, g)
-            torch.mul(o, torch.tanh(c), out=hbuf[k + 1, :, lo + 1 : hi + 2])
-        # States of the cells, in step order, for the output.
-        hs = torch.cat([hbuf[k + 1, :, lo + 1 : hi + 2] for k, (lo, hi, _) in enumerate(steps)], dim=1)
-        ctx.save_for_backward(acts, hbuf, cbuf, w_up, w_left, order, inverse)
-        ctx.shape = (b, d, t, h, w)
-        return _from_steps(hs, inverse, h, w)
+    for k, (lo, hi, off) in enumerate(steps):
+        n = hi - lo + 1
+        z = acts[:, off : off + n]  # (D, n, B, 4t) view
+        zf = z.reshape(d, n * b, g4)
+        zf.baddbmm_(hbuf[k, :, lo : hi + 1].reshape(d, n * b, t), w_up)
+        zf.baddbmm_(hbuf[k, :, lo + 1 : hi + 2].reshape(d, n * b, t), w_left)
+        z[..., : 3 * t].sigmoid_()
+        z[..., 3 * t :].tanh_()
+        o, f, i, g = z.split(t, dim=-1)
+        c = cbuf[k + 1, :, lo + 1 : hi + 2]
+        torch.mul(f, cbuf[k, :, lo + 1 : hi + 2], out=c)
+        c.addcmul_(i, g)
+        torch.mul(o, torch.tanh(c), out=hbuf[k + 1, :, lo + 1 : hi + 2])
+    # States of the cells, in step order, for the output.
+    hs = torch.cat([hbuf[k + 1, :, lo + 1 : hi + 2] for k, (lo, hi, _) in enumerate(steps)], dim=1)
+    return _from_steps(hs, inverse, h, w), acts, hbuf, cbuf
+
+
+def scan_backward(grad_h: torch.Tensor, weight_hh: torch.Tensor, acts: torch.Tensor, hbuf: torch.Tensor,
+                  cbuf: torch.Tensor):
+    """The reverse scan over what :func:`scan_forward` saved; returns ``(grad_gx, grad_weight_hh)``.
+
+    ``grad_h`` is ``(B, D, t, H, W)``, any strides; shapes of the rest as
+    :func:`scan_forward` returns them.
+    """
+    b, t, h, w = grad_h.shape[0], grad_h.shape[2], grad_h.shape[3], grad_h.shape[4]
+    d = weight_hh.shape[0]
+    steps, order, inverse = _plan(h, w)
+    order, inverse = order.to(grad_h.device), inverse.to(grad_h.device)
+    w_up, w_left = _recurrent(weight_hh)
+    g_out = _to_steps(grad_h, order)  # (D, cells, B, t)
+    dz_all = torch.empty_like(acts)
+    d_up = torch.zeros_like(w_up)
+    d_left = torch.zeros_like(w_left)
+    w_cat_t = torch.cat([w_up, w_left], dim=1).transpose(1, 2)  # (D, 4t, 2t)
+    carry_h = hbuf.new_zeros(d, h + 1, b, t)  # gradient reaching each row's h
+    carry_c = hbuf.new_zeros(d, h + 1, b, t)  # ... and its memory cell
+    for k in range(len(steps) - 1, -1, -1):
+        lo, hi, off = steps[k]
+        n = hi - lo + 1
+        o, f, i, g = acts[:, off : off + n].split(t, dim=-1)
+        c = cbuf[k + 1, :, lo + 1 : hi + 2]
+        c_left = cbuf[k, :, lo + 1 : hi + 2]
+        dh = g_out[:, off : off + n] + carry_h[:, lo + 1 : hi + 2]
+        tc = torch.tanh(c)
+        dc = (1 - tc * tc).mul_(o).mul_(dh).add_(carry_c[:, lo + 1 : hi + 2])
+        dz = dz_all[:, off : off + n]
+        do, df, di, dg = dz.split(t, dim=-1)
+        torch.mul(dh, tc, out=do).mul_(o * (1 - o))
+        torch.mul(dc, c_left, out=df).mul_(f * (1 - f))
+        torch.mul(dc, g, out=di).mul_(i * (1 - i))
+        torch.mul(dc, i, out=dg).mul_(1 - g * g)
+        dzf = dz.reshape(d, n * b, 4 * t)
+        d_up.baddbmm_(hbuf[k, :, lo : hi + 1].reshape(d, n * b, t).transpose(1, 2), dzf)
+        d_left.baddbmm_(hbuf[k, :, lo + 1 : hi + 2].reshape(d, n * b, t).transpose(1, 2), dzf)
+        back = torch.bmm(dzf, w_cat_t).view(d, n, b, 2 * t)
+        carry_h.zero_()
+        carry_h[:, lo : hi + 1] = back[..., :t]
+        carry_h[:, lo + 1 : hi + 2] += back[..., t:]
+        carry_c.zero_()
+        carry_c[:, lo + 1 : hi + 2] = dc.mul_(f)
+    grad_gx = _from_steps(dz_all, inverse, h, w)
+    grad_w = torch.stack([d_up.transpose(1, 2), d_left.transpose(1, 2)], dim=-1)
+    return grad_gx, grad_w
+
+
+class _FusedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
+        out, acts, hbuf, cbuf = scan_forward(gx, weight_hh)
+        ctx.save_for_backward(weight_hh, acts, hbuf, cbuf)
+        return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_h: torch.Tensor):
-        acts, hbuf, cbuf, w_up, w_left, order, inverse = ctx.saved_tensors
-        b, d, t, h, w = ctx.shape
-        steps = _plan(h, w)[0]
-        g_out = _to_steps(grad_h, order)  # (D, cells, B, t)
-        dz_all = torch.empty_like(acts)
-        d_up = torch.zeros_like(w_up)
-        d_left = torch.zeros_like(w_left)
-        w_cat_t = torch.cat([w_up, w_left], dim=1).transpose(1, 2)  # (D, 4t, 2t)
-        carry_h = hbuf.new_zeros(d, h + 1, b, t)  # gradient reaching each row's h
-        carry_c = hbuf.new_zeros(d, h + 1, b, t)  # ... and its memory cell
-        for k in range(len(steps) - 1, -1, -1):
-            lo, hi, off = steps[k]
-            n = hi - lo + 1
-            o, f, i, g = acts[:, off : off + n].split(t, dim=-1)
-            c = cbuf[k + 1, :, lo + 1 : hi + 2]
-            c_left = cbuf[k, :, lo + 1 : hi + 2]
-            dh = g_out[:, off : off + n] + carry_h[:, lo + 1 : hi + 2]
-            tc = torch.tanh(c)
-            dc = (1 - tc * tc).mul_(o).mul_(dh).add_(carry_c[:, lo + 1 : hi + 2])
-            dz = dz_all[:, off : off + n]
-            do, df, di, dg = dz.split(t, dim=-1)
-            torch.mul(dh, tc, out=do).mul_(o * (1 - o))
-            torch.mul(dc, c_left, out=df).mul_(f * (1 - f))
-            torch.mul(dc, g, out=di).mul_(i * (1 - i))
-            torch.mul(dc, i, out=dg).mul_(1 - g * g)
-            dzf = dz.reshape(d, n * b, 4 * t)
-            d_up.baddbmm_(hbuf[k, :, lo : hi + 1].reshape(d, n * b, t).transpose(1, 2), dzf)
-            d_left.baddbmm_(hbuf[k, :, lo + 1 : hi + 2].reshape(d, n * b, t).transpose(1, 2), dzf)
-            back = torch.bmm(dzf, w_cat_t).view(d, n, b, 2 * t)
-            carry_h.zero_()
-            carry_h[:, lo : hi + 1] = back[..., :t]
-            carry_h[:, lo + 1 : hi + 2] += back[..., t:]
-            carry_c.zero_()
-            carry_c[:, lo + 1 : hi + 2] = dc.mul_(f)
-        grad_gx = _from_steps(dz_all, inverse, h, w)
-        grad_w = torch.stack([d_up.transpose(1, 2), d_left.transpose(1, 2)], dim=-1)
-        return grad_gx, grad_w
+        return scan_backward(grad_h, *ctx.saved_tensors)
 
 
 def fused_scan_torch(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:

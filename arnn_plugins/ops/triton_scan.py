@@ -47,7 +47,7 @@ except ImportError:  # Triton is optional: without it arnn_plugins.ops does not 
     triton = None
     tl = None
 
-__all__ = ["HAS_TRITON", "triton_scan", "triton_scan_supported"]
+__all__ = ["HAS_TRITON", "scan_backward", "scan_forward", "triton_scan", "triton_scan_supported"]
 
 HAS_TRITON = triton is not None
 
@@ -299,7 +299,8 @@ def _launch_config(h: int, t: int) -> Tuple[int, int, int]:
     return bh, bt, num_warps
 
 
-def _check(gx: torch.Tensor, weight_hh: torch.Tensor) -> None:
+def check_inputs(gx: torch.Tensor, weight_hh: torch.Tensor) -> None:
+    """Raise unless ``gx`` ``(B, D, 4t, H, W)`` and ``weight_hh`` ``(D, 4t, t, 2)`` suit the kernels here."""
     if not HAS_TRITON:
         raise RuntimeError("AttentionRNN: the triton backend needs the 'triton' package, which is not installed")
     if gx.dim() != 5 or gx.shape[2] % 4 != 0:
@@ -414,6 +415,20 @@ def _backward(
     return grad_gx_view, grad_w.view(b, d, g4, t, 2).sum(0)
 
 
+def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor):
+    """Forward kernel keeping what the backward needs: ``(h, cells, acts)``, ``(B, D, H, W, t | t | 4t)``."""
+    return _forward(gx, weight_hh, save=True)
+
+
+def scan_backward(grad_h: torch.Tensor, hid: torch.Tensor, cell: torch.Tensor, act: torch.Tensor,
+                  weight_hh: torch.Tensor):
+    """Backward kernel on :func:`scan_forward`'s outputs; ``grad_h`` ``(B, D, t, H, W)``, any strides.
+
+    Returns ``(grad_gx (B, D, 4t, H, W), grad_weight_hh (D, 4t, t, 2))``.
+    """
+    return _backward(grad_h, hid, cell, act, weight_hh, True)
+
+
 class _TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx, weight_hh):
@@ -442,7 +457,7 @@ def triton_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
         ``(B, D, t, H, W)`` hidden states (a view of a channels-last buffer),
         equal to :func:`arnn_plugins.ops.reference.reference_scan` up to rounding.
     """
-    _check(gx, weight_hh)
+    check_inputs(gx, weight_hh)
     b, d, g4, h, w = gx.shape
     if gx.numel() == 0:
         # Nothing to scan; keep both inputs in the graph for autograd.

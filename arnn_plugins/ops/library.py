@@ -1,0 +1,237 @@
+"""The scan as PyTorch operators (``torch.ops.arnn_plugins.*``), for compiled and exported models.
+
+In eager mode the backends run as ``autograd.Function`` s, which may spend
+saved buffers in the backward (the C kernel writes the input gradient over
+its saved activations). Graph capture (``torch.compile``, ``torch.export``,
+``torch.jit.trace``, ONNX) needs operators instead: opaque to the tracer,
+with a fake (meta) implementation giving output shapes, dtypes and strides,
+and a registered backward. One forward and one backward operator per
+implementation:
+
+=========================  ===================================================
+``scan_cpu[_backward]``    the C kernel (:mod:`.cpu_kernel`), CPU
+``scan_torch[_backward]``  the anti-diagonal PyTorch scan (:mod:`.fused`), any
+                           device: CPU without a compiler, CUDA fallback
+``scan_triton[_backward]`` the Triton kernels (:mod:`.triton_scan`), CUDA
+=========================  ===================================================
+
+Each forward returns the hidden states first, then what its backward needs
+(the autograd formula saves them; they carry no gradient). The backward
+operators allocate fresh gradients, so a compiled backward never aliases or
+mutates saved tensors. For export to runtimes that do not know these
+operators (ONNX), :data:`EXPORT_DECOMPOSITIONS` replaces each forward by the
+reference scan written in core ATen operators (``run_decompositions``, or
+:func:`onnx_decompositions` around ``torch.onnx.export``).
+"""
+
+import contextlib
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernel, fused, triton_scan
+from .reference import reference_scan
+
+__all__ = [
+    "scan_cpu",
+    "scan_cpu_backward",
+    "scan_torch",
+    "scan_torch_backward",
+    "scan_triton",
+    "scan_triton_backward",
+    "EXPORT_DECOMPOSITIONS",
+    "onnx_decompositions",
+]
+
+
+def _sizes(gx: Tensor):
+    b, d, g4, h, w = gx.shape
+    return b, d, g4 // 4, h, w
+
+
+def _features_last(shape_bdhwf, like: Tensor) -> Tensor:
+    """An empty ``(B, D, F, H, W)`` tensor stored as ``(B, H, W, D, F)``: the layout the kernels write."""
+    b, d, h, w, f = shape_bdhwf
+    return like.new_empty(b, h, w, d, f).permute(0, 3, 4, 1, 2)
+
+
+# -- the C kernel ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("arnn_plugins::scan_cpu", mutates_args=(), device_types="cpu")
+def scan_cpu(gx: Tensor, weight_hh: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """C kernel forward: ``(B, D, 4t, H, W)``, ``(D, 4t, t, 2)`` -> ``h (B, D, t, H, W)``, cells, activations."""
+    return cpu_kernel.scan_forward(gx, weight_hh)
+
+
+@scan_cpu.register_fake
+def _(gx, weight_hh):
+    b, d, t, h, w = _sizes(gx)
+    return _features_last((b, d, h, w, t), gx), gx.new_empty(d * b, h, w, t), gx.new_empty(d * b, h, w, 4 * t)
+
+
+@torch.library.custom_op("arnn_plugins::scan_cpu_backward", mutates_args=(), device_types="cpu")
+def scan_cpu_backward(grad_h: Tensor, weight_hh: Tensor, hid: Tensor, cells: Tensor,
+                      acts: Tensor) -> Tuple[Tensor, Tensor]:
+    """C kernel backward: ``(grad_gx (B, D, 4t, H, W), grad_weight_hh (D, 4t, t, 2))``."""
+    return cpu_kernel.scan_backward(grad_h, weight_hh, hid, cells, acts)
+
+
+@scan_cpu_backward.register_fake
+def _(grad_h, weight_hh, hid, cells, acts):
+    b, d, t, h, w = hid.shape
+    dgx = acts.new_empty(d, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
+    return dgx, weight_hh.new_empty(d, 2, t, 4 * t).permute(0, 3, 2, 1)
+
+
+def _register_autograd(forward, backward) -> None:
+    """Wire ``backward(grad_h, weight_hh, hid, cells, acts)`` as the gradient of ``forward -> (hid, cells, acts)``."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], *output)
+
+    def grad(ctx, grad_h, _grad_cells, _grad_acts):
+        weight_hh, hid, cells, acts = ctx.saved_tensors
+        grad_h = torch.zeros_like(hid) if grad_h is None else grad_h
+        return backward(grad_h, weight_hh, hid, cells, acts)
+
+    forward.register_autograd(grad, setup_context=setup_context)
+
+
+_register_autograd(scan_cpu, scan_cpu_backward)
+
+
+# -- the PyTorch anti-diagonal scan --------------------------------------------------------------
+
+
+@torch.library.custom_op("arnn_plugins::scan_torch", mutates_args=())
+def scan_torch(gx: Tensor, weight_hh: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Anti-diagonal PyTorch forward: ``h (B, D, t, H, W)``, activations, hidden and cell buffers."""
+    h, acts, hbuf, cbuf = fused.scan_forward(gx, weight_hh, defined=True)
+    return h, acts, hbuf, cbuf
+
+
+@scan_torch.register_fake
+def _(gx, weight_hh):
+    b, d, t, h, w = _sizes(gx)
+    buf = gx.new_empty(w + h, d, h + 1, b, t)
+    return _features_last((b, d, h, w, t), gx), gx.new_empty(d, h * w, b, 4 * t), buf, torch.empty_like(buf)
+
+
+@torch.library.custom_op("arnn_plugins::scan_torch_backward", mutates_args=())
+def scan_torch_backward(grad_h: Tensor, weight_hh: Tensor, acts: Tensor, hbuf: Tensor,
+                        cbuf: Tensor) -> Tuple[Tensor, Tensor]:
+    """Anti-diagonal PyTorch backward: ``(grad_gx, grad_weight_hh)``."""
+    return fused.scan_backward(grad_h, weight_hh, acts, hbuf, cbuf)
+
+
+@scan_torch_backward.register_fake
+def _(grad_h, weight_hh, acts, hbuf, cbuf):
+    b, d, t, h, w = grad_h.shape[0], weight_hh.shape[0], grad_h.shape[2], grad_h.shape[3], grad_h.shape[4]
+    return _features_last((b, d, h, w, 4 * t), grad_h), torch.empty_like(weight_hh, memory_format=torch.contiguous_format)
+
+
+def _save_torch(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], *output[1:])
+    ctx.hid_shape = output[0].shape
+
+
+def _grad_torch(ctx, grad_h, *_):
+    weight_hh, acts, hbuf, cbuf = ctx.saved_tensors
+    grad_h = acts.new_zeros(ctx.hid_shape) if grad_h is None else grad_h
+    return scan_torch_backward(grad_h, weight_hh, acts, hbuf, cbuf)
+
+
+scan_torch.register_autograd(_grad_torch, setup_context=_save_torch)
+
+
+# -- the Triton kernels --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("arnn_plugins::scan_triton", mutates_args=())
+def scan_triton(gx: Tensor, weight_hh: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Triton forward: ``h``, cells ``(B, D, H, W, t)`` and activations ``(B, D, H, W, 4t)``.
+
+    ``h`` comes as the kernel stores it, ``(B, D, H, W, t)``; the caller
+    permutes it to ``(B, D, t, H, W)``.
+    """
+    return triton_scan.scan_forward(gx, weight_hh)
+
+
+@scan_triton.register_fake
+def _(gx, weight_hh):
+    b, d, t, h, w = _sizes(gx)
+    return gx.new_empty(b, d, h, w, t), gx.new_empty(b, d, h, w, t), gx.new_empty(b, d, h, w, 4 * t)
+
+
+@torch.library.custom_op("arnn_plugins::scan_triton_backward", mutates_args=())
+def scan_triton_backward(grad_h: Tensor, weight_hh: Tensor, hid: Tensor, cells: Tensor,
+                         acts: Tensor) -> Tuple[Tensor, Tensor]:
+    """Triton backward; ``grad_h`` ``(B, D, H, W, t)`` as ``h`` was returned."""
+    return triton_scan.scan_backward(grad_h.permute(0, 1, 4, 2, 3), hid, cells, acts, weight_hh)
+
+
+@scan_triton_backward.register_fake
+def _(grad_h, weight_hh, hid, cells, acts):
+    b, d, h, w, t = hid.shape
+    return (acts.new_empty(b, d, h, w, 4 * t).permute(0, 1, 4, 2, 3),
+            torch.empty_like(weight_hh, memory_format=torch.contiguous_format))
+
+
+_register_autograd(scan_triton, scan_triton_backward)
+
+
+# -- export to runtimes without these operators --------------------------------------------------
+
+
+def _decompose_cpu(gx, weight_hh):
+    b, d, t, h, w = _sizes(gx)
+    return reference_scan(gx, weight_hh), gx.new_zeros(d * b, h, w, t), gx.new_zeros(d * b, h, w, 4 * t)
+
+
+def _decompose_torch(gx, weight_hh):
+    b, d, t, h, w = _sizes(gx)
+    buf = gx.new_zeros(w + h, d, h + 1, b, t)
+    return reference_scan(gx, weight_hh), gx.new_zeros(d, h * w, b, 4 * t), buf, buf.clone()
+
+
+def _decompose_triton(gx, weight_hh):
+    b, d, t, h, w = _sizes(gx)
+    hid = reference_scan(gx, weight_hh).permute(0, 1, 3, 4, 2)
+    return hid, gx.new_zeros(b, d, h, w, t), gx.new_zeros(b, d, h, w, 4 * t)
+
+
+# For ``ExportedProgram.run_decompositions``: each forward operator as the
+# reference scan (an unrolled loop over the W + H - 1 anti-diagonals, in core
+# ATen operators). Only the hidden states are exact; the saved buffers are
+# zeros, since an exported inference graph never reads them.
+EXPORT_DECOMPOSITIONS = {
+    torch.ops.arnn_plugins.scan_cpu.default: _decompose_cpu,
+    torch.ops.arnn_plugins.scan_torch.default: _decompose_torch,
+    torch.ops.arnn_plugins.scan_triton.default: _decompose_triton,
+}
+
+
+@contextlib.contextmanager
+def onnx_decompositions():
+    """Within this block ``torch.onnx.export(model, ..., dynamo=True)`` lowers the scan to the reference.
+
+    ONNX runtimes do not know the ``arnn_plugins`` operators, so for the
+    length of the block each forward operator is entered in torch's table
+    of decompositions, which the exporter (through ``torch.export``) applies.
+    Outside it the table is left as it was: fake tensors with symbolic
+    shapes consult that table too, and ``torch.compile`` must keep the
+    operators. The exported graph unrolls the ``W + H - 1`` anti-diagonal
+    steps, so its map size is fixed; the batch may stay dynamic.
+    """
+    from torch._decomp import decomposition_table
+
+    added = [op for op in EXPORT_DECOMPOSITIONS if op not in decomposition_table]
+    for op in added:
+        decomposition_table[op] = EXPORT_DECOMPOSITIONS[op]
+    try:
+        yield
+    finally:
+        for op in added:
+            decomposition_table.pop(op, None)
