@@ -414,3 +414,27 @@ def test_export_command_refuses_what_it_cannot_check(tmp_path, capsys):
     mgan = os.path.join(os.path.dirname(__file__), "..", "configs", "mgan_arnn.py")
     assert main(["export", mgan, "--out", str(tmp_path / "g.onnx")]) == 2
     assert "random edit targets" in capsys.readouterr().err
+
+
+@needs_cc
+def test_operators_called_directly_refuse_what_their_kernels_cannot_read():
+    gx, wh = _scan_inputs(torch.float32)
+    gx, wh = gx.detach(), wh.detach()
+    with pytest.raises(ValueError, match=r"^scan_cpu: expected weight_hh of shape \(2, 16, 4, 2\)"):
+        library.scan_cpu(gx, wh[:1])
+    with pytest.raises(TypeError, match=r"^scan_cpu: expected gx and weight_hh of one dtype"):
+        library.scan_cpu(gx, wh.double())
+    with pytest.raises(ValueError, match=r"^scan_torch: expected a non-empty gx"):
+        library.scan_torch(gx[:, :, :6], wh)
+    hid, cells, acts = library.scan_cpu(gx, wh)
+    grad = torch.ones_like(hid)
+    with pytest.raises(ValueError, match=r"^scan_cpu_backward: expected cells of shape"):
+        library.scan_cpu_backward(grad, wh, hid, cells[:2], acts)
+    with pytest.raises(ValueError, match=r"^scan_cpu_backward: expected"):
+        library.scan_cpu_backward(grad, wh, hid, cells, acts[..., :1].expand_as(acts))
+
+
+def test_meta_layers_give_shapes_through_the_operators():
+    m = ap.AttentionRNN(4, hidden_channels=2, query_channels=3).to("meta")
+    out = m(torch.empty(2, 4, 5, 6, device="meta"), torch.empty(2, 3, device="meta"))
+    assert out.shape == (2, 1, 5, 6) and out.device.type == "meta"

@@ -619,8 +619,6 @@ def test_fuzz_layers_refuse_clearly_or_agree_with_the_reference():
     assert ran >= 30 and refused >= 30  # the generator covers both sides
 
 
-@pytest.mark.xfail(reason="the scan cannot run on meta tensors yet: diagonal_lstm has no meta (fake) kernel "
-                          "until it is registered as a PyTorch operator", strict=False)
 def test_fuzz_layers_on_meta_give_shapes():
     _run_layer_cases("meta", n=30, seed=99)
 
@@ -675,25 +673,9 @@ def _bad_scan_inputs():
     ]
 
 
-def _scan_boundary_is_checked() -> bool:
-    """Whether ``diagonal_lstm`` itself checks shapes (probed on the reference backend, which cannot read out of bounds)."""
-    try:
-        diagonal_lstm(torch.zeros(1, 2, 8, 3, 3), torch.zeros(1, 8, 2, 2), backend="reference")
-    except (TypeError, ValueError) as e:
-        return str(e).startswith("diagonal_lstm:")
-    except Exception:
-        return False
-    return False
-
-
 _BAD_SCANS = _bad_scan_inputs()
 
 
-# run=False while the boundary has no checks: a kernel given these shapes
-# reads past its buffers, and that must never run in the suite.
-@pytest.mark.xfail(not _scan_boundary_is_checked(), run=False, strict=False,
-                   reason="diagonal_lstm does not check shapes, dtypes and devices at the op boundary yet "
-                          "(they come with its registration as a PyTorch operator)")
 @pytest.mark.parametrize("what, gx, weight", _BAD_SCANS, ids=[c[0] for c in _BAD_SCANS])
 def test_diagonal_lstm_refuses_bad_shapes_on_every_cpu_backend(what, gx, weight):
     for backend in _cpu_backends():

@@ -37,12 +37,14 @@ from . import cpu_kernel, library, triton_scan
 from .fused import fused_scan_torch
 from .library import onnx_decompositions
 from .reference import reference_scan
+from .shapes import check_scan
 
 __all__ = [
     "ScanFn",
     "available_backends",
     "backend_names",
     "check_backend",
+    "check_scan",
     "diagonal_lstm",
     "fused_scan",
     "onnx_decompositions",
@@ -131,6 +133,7 @@ def diagonal_lstm(gx: torch.Tensor, weight_hh: torch.Tensor, backend: Backend = 
         itself always runs in float32 (float64 for float64 input) with
         autocast off.
     """
+    check_scan(gx, weight_hh)
     name = resolve_backend(backend, gx.device, gx.shape[2] // 4, gx.shape[3])
     if callable(name):
         fn = name
@@ -140,7 +143,7 @@ def diagonal_lstm(gx: torch.Tensor, weight_hh: torch.Tensor, backend: Backend = 
         raise ValueError(f"AttentionRNN: backend {backend!r} is not available here; available: {backend_names()}")
     out_dtype = gx.dtype
     cdtype = _compute_dtype(out_dtype)
-    if torch.is_autocast_enabled(gx.device.type):
+    if gx.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(gx.device.type):
         with torch.autocast(device_type=gx.device.type, enabled=False):
             h = fn(gx.to(cdtype), weight_hh.to(cdtype))
     else:
@@ -164,7 +167,8 @@ def _capturing(x: torch.Tensor) -> bool:
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
-    return torch._subclasses.fake_tensor.is_fake(x)
+    # Meta tensors too: an operator's fake implementation is its meta kernel.
+    return x.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(x)
 
 
 def fused_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import cpu_kernel, fused, triton_scan
 from .reference import reference_scan
+from .shapes import check_scan
 
 __all__ = [
     "scan_cpu",
@@ -43,6 +44,31 @@ __all__ = [
     "EXPORT_DECOMPOSITIONS",
     "onnx_decompositions",
 ]
+
+
+def _check_kernel_inputs(op: str, gx: Tensor, weight_hh: Tensor, dtypes) -> None:
+    # The kernels index raw buffers by these sizes: refuse anything else before they read.
+    check_scan(gx, weight_hh, op)
+    if gx.dtype not in dtypes or weight_hh.dtype != gx.dtype:
+        raise TypeError(f"{op}: expected gx and weight_hh of one dtype among {dtypes}, got {gx.dtype} and "
+                        f"{weight_hh.dtype}")
+
+
+def _check_cpu_saved(grad_h: Tensor, weight_hh: Tensor, hid: Tensor, cells: Tensor, acts: Tensor) -> None:
+    # The C backward reads cells and acts as dense (D * B, H, W, .) buffers and
+    # the rest by their strides: anything but what its forward made is refused.
+    op = "scan_cpu_backward"
+    if hid.dim() != 5:
+        raise ValueError(f"{op}: expected hid of shape (B, D, t, H, W), got {tuple(hid.shape)}")
+    b, d, t, h, w = hid.shape
+    want = {"grad_h": (grad_h, (b, d, t, h, w)), "weight_hh": (weight_hh, (d, 4 * t, t, 2)),
+            "cells": (cells, (d * b, h, w, t)), "acts": (acts, (d * b, h, w, 4 * t))}
+    for what, (x, shape) in want.items():
+        if tuple(x.shape) != shape or x.dtype != hid.dtype or x.device != hid.device:
+            raise ValueError(f"{op}: expected {what} of shape {shape} ({hid.dtype}, {hid.device}) for hid of shape "
+                             f"{tuple(hid.shape)}, got {tuple(x.shape)} ({x.dtype}, {x.device})")
+    if hid.dtype not in (torch.float32, torch.float64) or not (cells.is_contiguous() and acts.is_contiguous()):
+        raise ValueError(f"{op}: expected float32/float64 buffers with dense cells and acts, as scan_cpu returns them")
 
 
 def _sizes(gx: Tensor):
@@ -62,6 +88,7 @@ def _features_last(shape_bdhwf, like: Tensor) -> Tensor:
 @torch.library.custom_op("arnn_plugins::scan_cpu", mutates_args=(), device_types="cpu")
 def scan_cpu(gx: Tensor, weight_hh: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """C kernel forward: ``(B, D, 4t, H, W)``, ``(D, 4t, t, 2)`` -> ``h (B, D, t, H, W)``, cells, activations."""
+    _check_kernel_inputs("scan_cpu", gx, weight_hh, (torch.float32, torch.float64))
     return cpu_kernel.scan_forward(gx, weight_hh)
 
 
@@ -75,6 +102,7 @@ def _(gx, weight_hh):
 def scan_cpu_backward(grad_h: Tensor, weight_hh: Tensor, hid: Tensor, cells: Tensor,
                       acts: Tensor) -> Tuple[Tensor, Tensor]:
     """C kernel backward: ``(grad_gx (B, D, 4t, H, W), grad_weight_hh (D, 4t, t, 2))``."""
+    _check_cpu_saved(grad_h, weight_hh, hid, cells, acts)
     return cpu_kernel.scan_backward(grad_h, weight_hh, hid, cells, acts)
 
 
@@ -108,6 +136,7 @@ _register_autograd(scan_cpu, scan_cpu_backward)
 @torch.library.custom_op("arnn_plugins::scan_torch", mutates_args=())
 def scan_torch(gx: Tensor, weight_hh: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Anti-diagonal PyTorch forward: ``h (B, D, t, H, W)``, activations, hidden and cell buffers."""
+    check_scan(gx, weight_hh, "scan_torch")
     h, acts, hbuf, cbuf = fused.scan_forward(gx, weight_hh, defined=True)
     return h, acts, hbuf, cbuf
 
