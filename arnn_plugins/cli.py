@@ -115,7 +115,7 @@ def _cmd_eval(args) -> int:
 
     from .engine.checkpoints import fit_error, state_dict_of, state_dict_problems
     from .engine.runner import build_loop, checkpoint_loading
-    from .finetune import read_checkpoint
+    from .serialization import read_checkpoint
 
     # Everything that can go wrong is found before the evaluation runs: a
     # damaged file, a checkpoint of another model, an output path.

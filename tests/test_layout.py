@@ -20,7 +20,7 @@ FOLDERS = {"arnn_plugins": "arnn_plugins", "adapters": "arnn_plugins.adapters", 
 LAYERS = [
     ("kernels", ["arnn_plugins.ops", "arnn_plugins.ops.*", "arnn_plugins.checks"]),
     ("library", ["arnn_plugins", "arnn_plugins.arnn", "arnn_plugins.gate", "arnn_plugins.registry",
-                 "arnn_plugins.finetune"]),
+                 "arnn_plugins.finetune", "arnn_plugins.serialization"]),
     ("models and data", ["arnn_plugins.models", "arnn_plugins.models.*", "arnn_plugins.data",
                          "arnn_plugins.data.*"]),
     ("adapters and patches", ["arnn_plugins.adapters", "arnn_plugins.adapters.*", "arnn_plugins.patches",

@@ -34,7 +34,7 @@ import torch.nn as nn
 from mmengine.dist import master_only
 from mmengine.runner import Runner
 
-from ..finetune import CheckpointError, read_checkpoint
+from ..serialization import CheckpointError, read_checkpoint
 
 __all__ = [
     "CheckpointRunner",
