@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from arnn_plugins import ARNNStats, AttentionRNN, BlockAttentionRNN, product_of_gaussians
-from arnn_plugins.ops.skew import skew, skew_mask, unskew
+from arnn_plugins.ops.reference import skew, skew_mask, unskew
 
 
 def _dependency(model, x, i, j, b=0):

@@ -8,6 +8,7 @@ import torch
 from torch.library import opcheck
 
 import arnn_plugins as ap
+from arnn_plugins import ops
 from arnn_plugins.ops import cpu_kernel, library, onnx_decompositions
 
 HAS_CC = cpu_kernel.available()
@@ -72,7 +73,7 @@ def test_onnx_decompositions_are_entered_only_inside_the_block():
     op = torch.ops.arnn_plugins.scan_cpu.default
     assert op not in decomposition_table
     with onnx_decompositions():
-        assert decomposition_table[op] is library.EXPORT_DECOMPOSITIONS[op]
+        assert decomposition_table[op] is ops.EXPORT_DECOMPOSITIONS[op]
     # Outside, fake tensors with symbolic shapes must not trace the unrolled reference.
     assert op not in decomposition_table
 
@@ -80,7 +81,7 @@ def test_onnx_decompositions_are_entered_only_inside_the_block():
 def test_export_decompositions_match_the_operators():
     gx, wh = _scan_inputs()
     with torch.no_grad():
-        for op, decomp in library.EXPORT_DECOMPOSITIONS.items():
+        for op, decomp in ops.EXPORT_DECOMPOSITIONS.items():
             name = op.name().split("::")[1].split(".")[0]
             if name == "scan_triton":
                 continue  # CUDA only; its decomposition is the same reference scan, permuted

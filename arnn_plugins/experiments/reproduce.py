@@ -257,7 +257,7 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
 
         # Data first, in this process: workers then only read the cache.
         if cache_dir is not None:
-            from ..engine.pan import MultiDigitTensors
+            from ..data.cached import MultiDigitTensors
 
             seen = set()
             for _, _, cfg in configs:

@@ -27,6 +27,7 @@ a callable as ``backend`` without registering anything.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, List, Union
 
 import torch
@@ -35,11 +36,11 @@ import torch
 # function here would hide the submodule ``arnn_plugins.ops.triton_scan``.
 from . import cpu_kernel, library, triton_scan
 from .fused import fused_scan_torch
-from .library import onnx_decompositions
 from .reference import reference_scan
 from .shapes import check_scan
 
 __all__ = [
+    "EXPORT_DECOMPOSITIONS",
     "ScanFn",
     "available_backends",
     "backend_names",
@@ -196,6 +197,66 @@ def triton_backend(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
         triton_scan.check_inputs(gx, weight_hh)
         return library.scan_triton(gx, weight_hh)[0].permute(0, 1, 4, 2, 3)
     return triton_scan.triton_scan(gx, weight_hh)
+
+
+# -- export to runtimes that do not know the operators (ONNX) ----------------------------------
+
+
+def _scan_sizes(gx):
+    b, d, g4, h, w = gx.shape
+    return b, d, g4 // 4, h, w
+
+
+def _decompose_cpu(gx, weight_hh):
+    b, d, t, h, w = _scan_sizes(gx)
+    return reference_scan(gx, weight_hh), gx.new_zeros(d * b, h, w, t), gx.new_zeros(d * b, h, w, 4 * t)
+
+
+def _decompose_torch(gx, weight_hh):
+    b, d, t, h, w = _scan_sizes(gx)
+    buf = gx.new_zeros(w + h, d, h + 1, b, t)
+    return reference_scan(gx, weight_hh), gx.new_zeros(d, h * w, b, 4 * t), buf, buf.clone()
+
+
+def _decompose_triton(gx, weight_hh):
+    b, d, t, h, w = _scan_sizes(gx)
+    hid = reference_scan(gx, weight_hh).permute(0, 1, 3, 4, 2)
+    return hid, gx.new_zeros(b, d, h, w, t), gx.new_zeros(b, d, h, w, 4 * t)
+
+
+# For ``ExportedProgram.run_decompositions``: each forward operator as the
+# reference scan (an unrolled loop over the W + H - 1 anti-diagonals, in core
+# ATen operators). Only the hidden states are exact; the saved buffers are
+# zeros, since an exported inference graph never reads them.
+EXPORT_DECOMPOSITIONS = {
+    torch.ops.arnn_plugins.scan_cpu.default: _decompose_cpu,
+    torch.ops.arnn_plugins.scan_torch.default: _decompose_torch,
+    torch.ops.arnn_plugins.scan_triton.default: _decompose_triton,
+}
+
+
+@contextlib.contextmanager
+def onnx_decompositions():
+    """Within this block ``torch.onnx.export(model, ..., dynamo=True)`` lowers the scan to the reference.
+
+    ONNX runtimes do not know the ``arnn_plugins`` operators, so for the
+    length of the block each forward operator is entered in torch's table
+    of decompositions, which the exporter (through ``torch.export``) applies.
+    Outside it the table is left as it was: fake tensors with symbolic
+    shapes consult that table too, and ``torch.compile`` must keep the
+    operators. The exported graph unrolls the ``W + H - 1`` anti-diagonal
+    steps, so its map size is fixed; the batch may stay dynamic.
+    """
+    from torch._decomp import decomposition_table
+
+    added = [op for op in EXPORT_DECOMPOSITIONS if op not in decomposition_table]
+    for op in added:
+        decomposition_table[op] = EXPORT_DECOMPOSITIONS[op]
+    try:
+        yield
+    finally:
+        for op in added:
+            decomposition_table.pop(op, None)
 
 
 # The registry, in one place.

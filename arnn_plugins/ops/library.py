@@ -19,19 +19,16 @@ Each forward returns the hidden states first, then what its backward needs
 (the autograd formula saves them; they carry no gradient). The backward
 operators allocate fresh gradients, so a compiled backward never aliases or
 mutates saved tensors. For export to runtimes that do not know these
-operators (ONNX), :data:`EXPORT_DECOMPOSITIONS` replaces each forward by the
-reference scan written in core ATen operators (``run_decompositions``, or
-:func:`onnx_decompositions` around ``torch.onnx.export``).
+operators (ONNX), :data:`arnn_plugins.ops.EXPORT_DECOMPOSITIONS` replaces each
+forward by the reference scan written in core ATen operators.
 """
 
-import contextlib
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from . import cpu_kernel, fused, triton_scan
-from .reference import reference_scan
 from .shapes import check_scan
 
 __all__ = [
@@ -41,8 +38,6 @@ __all__ = [
     "scan_torch_backward",
     "scan_triton",
     "scan_triton_backward",
-    "EXPORT_DECOMPOSITIONS",
-    "onnx_decompositions",
 ]
 
 
@@ -209,58 +204,3 @@ def _(grad_h, weight_hh, hid, cells, acts):
 
 
 _register_autograd(scan_triton, scan_triton_backward)
-
-
-# -- export to runtimes without these operators --------------------------------------------------
-
-
-def _decompose_cpu(gx, weight_hh):
-    b, d, t, h, w = _sizes(gx)
-    return reference_scan(gx, weight_hh), gx.new_zeros(d * b, h, w, t), gx.new_zeros(d * b, h, w, 4 * t)
-
-
-def _decompose_torch(gx, weight_hh):
-    b, d, t, h, w = _sizes(gx)
-    buf = gx.new_zeros(w + h, d, h + 1, b, t)
-    return reference_scan(gx, weight_hh), gx.new_zeros(d, h * w, b, 4 * t), buf, buf.clone()
-
-
-def _decompose_triton(gx, weight_hh):
-    b, d, t, h, w = _sizes(gx)
-    hid = reference_scan(gx, weight_hh).permute(0, 1, 3, 4, 2)
-    return hid, gx.new_zeros(b, d, h, w, t), gx.new_zeros(b, d, h, w, 4 * t)
-
-
-# For ``ExportedProgram.run_decompositions``: each forward operator as the
-# reference scan (an unrolled loop over the W + H - 1 anti-diagonals, in core
-# ATen operators). Only the hidden states are exact; the saved buffers are
-# zeros, since an exported inference graph never reads them.
-EXPORT_DECOMPOSITIONS = {
-    torch.ops.arnn_plugins.scan_cpu.default: _decompose_cpu,
-    torch.ops.arnn_plugins.scan_torch.default: _decompose_torch,
-    torch.ops.arnn_plugins.scan_triton.default: _decompose_triton,
-}
-
-
-@contextlib.contextmanager
-def onnx_decompositions():
-    """Within this block ``torch.onnx.export(model, ..., dynamo=True)`` lowers the scan to the reference.
-
-    ONNX runtimes do not know the ``arnn_plugins`` operators, so for the
-    length of the block each forward operator is entered in torch's table
-    of decompositions, which the exporter (through ``torch.export``) applies.
-    Outside it the table is left as it was: fake tensors with symbolic
-    shapes consult that table too, and ``torch.compile`` must keep the
-    operators. The exported graph unrolls the ``W + H - 1`` anti-diagonal
-    steps, so its map size is fixed; the batch may stay dynamic.
-    """
-    from torch._decomp import decomposition_table
-
-    added = [op for op in EXPORT_DECOMPOSITIONS if op not in decomposition_table]
-    for op in added:
-        decomposition_table[op] = EXPORT_DECOMPOSITIONS[op]
-    try:
-        yield
-    finally:
-        for op in added:
-            decomposition_table.pop(op, None)
