@@ -184,10 +184,10 @@ def fused_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
     on_cpu = gx.device.type == "cpu"
     if on_cpu and _c_kernel_ready():
         if _capturing(gx):
-            return library.scan_cpu(gx, weight_hh.to(gx.dtype))[0]
+            return library.scan_cpu(gx, weight_hh)[0]
         return cpu_kernel.c_scan(gx, weight_hh)
     if _capturing(gx):
-        return library.scan_torch(gx, weight_hh.to(gx.dtype))[0]
+        return library.scan_torch(gx, weight_hh)[0]
     return fused_scan_torch(gx, weight_hh)
 
 
@@ -202,9 +202,7 @@ def triton_backend(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
 # -- export to runtimes that do not know the operators (ONNX) ----------------------------------
 
 
-def _scan_sizes(gx):
-    b, d, g4, h, w = gx.shape
-    return b, d, g4 // 4, h, w
+_scan_sizes = library._sizes
 
 
 def _decompose_cpu(gx, weight_hh):
