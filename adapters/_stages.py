@@ -11,7 +11,7 @@ import torch.nn as nn
 from arnn_plugins.gate import ARNNGate
 
 __all__ = ["StagesArg", "parse_stages", "stage_of", "stage_gate", "loaded_classes", "is_instance_of_loaded",
-           "ALL_STAGES"]
+           "block_out_channels", "ResNetBlockGates", "register_resnet_gates", "ALL_STAGES"]
 
 StagesArg = Union[None, str, int, Sequence[int], Sequence[bool]]
 ALL_STAGES = "all"
@@ -97,3 +97,66 @@ def stage_gate(adapter: str, name: str, stages: StagesArg, pattern: str, channel
     if chosen is not None and stage_of(name, pattern, offset) not in chosen:
         return None
     return ARNNGate(channels, **arnn_kwargs)
+
+
+def block_out_channels(adapter: str, block: nn.Module) -> int:
+    """Channels ``C`` of a ResNet block's output ``(B, C, H, W)``: its last conv's ``out_channels``.
+
+    Bottleneck blocks end in ``conv3``, basic blocks in ``conv2`` (torchvision
+    and timm alike). ``TypeError`` naming ``adapter`` if neither is a conv.
+    """
+    last = getattr(block, "conv3", None)
+    if not isinstance(last, nn.Conv2d):
+        last = getattr(block, "conv2", None)
+    if not isinstance(last, nn.Conv2d):
+        raise TypeError(
+            f"{adapter}: {type(block).__name__} has no conv3/conv2 Conv2d to read its output channels from"
+        )
+    return last.out_channels
+
+
+class ResNetBlockGates:
+    """An insert adapter's ``match`` and ``build`` for one library's ResNet blocks.
+
+    One :class:`~arnn_plugins.ARNNGate` over each selected block's output
+    channels (:func:`block_out_channels`), its stage read from a ``layerN``
+    name. Blocks are ``class_names`` of ``module_name``, looked up only if
+    that module is loaded (:func:`is_instance_of_loaded`).
+    """
+
+    def __init__(self, adapter: str, module_name: str, class_names: Sequence[str] = ("BasicBlock", "Bottleneck"),
+                 default_stages: StagesArg = (2, 3, 4)) -> None:
+        self.adapter, self.module_name, self.class_names = adapter, module_name, tuple(class_names)
+        self.default_stages = default_stages
+
+    def match(self, module: nn.Module) -> bool:
+        """True for the library's ResNet blocks (and subclasses)."""
+        return is_instance_of_loaded(module, self.module_name, self.class_names)
+
+    def build(self, block: nn.Module, name: str = "", stages: StagesArg = "default",
+              **arnn_kwargs) -> Optional[ARNNGate]:
+        """Gate for ``block`` (output ``(B, C, H, W)``), or ``None`` if its stage is not selected.
+
+        Args:
+            block: one of the library's ResNet blocks.
+            name: the block's qualified name in the model (gives its stage).
+            stages: as :func:`parse_stages` takes it; ``"default"``: the
+                adapter's default stages.
+            **arnn_kwargs: options for :class:`~arnn_plugins.ARNNGate` /
+                :class:`~arnn_plugins.AttentionRNN` (``hidden_channels``, ``block_size``, ...).
+        """
+        if isinstance(stages, str) and stages == "default":
+            stages = self.default_stages
+        return stage_gate(self.adapter, name, stages, r"layer(\d+)", block_out_channels(self.adapter, block),
+                          **arnn_kwargs)
+
+
+def register_resnet_gates(adapter: str, module_name: str, host: str, default_stages: StagesArg = (2, 3, 4)):
+    """Register the insert adapter ``adapter`` for ``module_name``'s ResNet blocks; returns its ``(match, build)``."""
+    from arnn_plugins.registry import register_adapter
+
+    gates = ResNetBlockGates(adapter, module_name, ("BasicBlock", "Bottleneck"), default_stages)
+    register_adapter(adapter, kind="insert", match=gates.match, build=gates.build, host=host,
+                     description=f"ARNN gate after each {host} ResNet BasicBlock/Bottleneck "
+                                 f"(stages: default {default_stages})")
+    return gates.match, gates.build

@@ -27,63 +27,14 @@ Options (popped before the rest goes to ARNN):
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
-import torch.nn as nn
+from ._stages import register_resnet_gates
 
-from arnn_plugins.gate import ARNNGate
-from arnn_plugins.registry import register_adapter
-
-from ._stages import StagesArg, is_instance_of_loaded, stage_gate
-
-if importlib.util.find_spec("torchvision") is None:  # the registry skips hosts that are not installed
+# The registry skips hosts that are not installed.
+if importlib.util.find_spec("torchvision") is None:
     raise ImportError("torchvision is not installed")
 
-__all__ = ["ADAPTER_NAME", "DEFAULT_STAGES", "match", "build", "block_out_channels"]
+__all__ = ["ADAPTER_NAME", "DEFAULT_STAGES", "match", "build"]
 
-ADAPTER_NAME = "torchvision_resnet"
-DEFAULT_STAGES = (2, 3, 4)
-_MODULE = "torchvision.models.resnet"
-_BLOCKS = ("BasicBlock", "Bottleneck")
-
-
-def match(module: nn.Module) -> bool:
-    """True for torchvision ``BasicBlock`` / ``Bottleneck`` (and subclasses)."""
-    return is_instance_of_loaded(module, _MODULE, _BLOCKS)
-
-
-def block_out_channels(block: nn.Module) -> int:
-    """Channels ``C`` of the block's output ``(B, C, H, W)``: its last conv's ``out_channels``."""
-    # Bottleneck ends in conv3, BasicBlock in conv2.
-    last = getattr(block, "conv3", None)
-    if not isinstance(last, nn.Conv2d):
-        last = getattr(block, "conv2", None)
-    if not isinstance(last, nn.Conv2d):
-        raise TypeError(
-            f"{ADAPTER_NAME}: {type(block).__name__} has no conv3/conv2 Conv2d to read its output channels from"
-        )
-    return last.out_channels
-
-
-def build(block: nn.Module, name: str = "", stages: StagesArg = DEFAULT_STAGES, **arnn_kwargs) -> Optional[ARNNGate]:
-    """Gate for ``block`` (output ``(B, C, H, W)``), or ``None`` if its stage is not selected.
-
-    Args:
-        block: a torchvision ``BasicBlock`` or ``Bottleneck``.
-        name: the block's qualified name in the model (gives its stage).
-        stages: see the module docstring.
-        **arnn_kwargs: options for :class:`~arnn_plugins.ARNNGate` /
-            :class:`~arnn_plugins.AttentionRNN` (e.g. ``hidden_channels``,
-            ``block_size``).
-    """
-    return stage_gate(ADAPTER_NAME, name, stages, r"layer(\d+)", block_out_channels(block), **arnn_kwargs)
-
-
-register_adapter(
-    ADAPTER_NAME,
-    kind="insert",
-    match=match,
-    build=build,
-    description="ARNN gate after each torchvision ResNet BasicBlock/Bottleneck (stages: default (2, 3, 4))",
-    host="torchvision",
-)
+ADAPTER_NAME, DEFAULT_STAGES = "torchvision_resnet", (2, 3, 4)
+match, build = register_resnet_gates(ADAPTER_NAME, "torchvision.models.resnet", "torchvision", DEFAULT_STAGES)

@@ -37,6 +37,12 @@ def _cmd_list(args) -> int:
     for name in list_adapters():
         a = get_adapter(name)
         print(f"  {name:<22} {a.kind:<7} {a.host:<32} {a.description}")
+    try:
+        from .engine.config import list_configs
+    except ImportError as e:  # the engine needs mmengine; the layers do not
+        print(f"configs:  (train / eval / show need mmengine: {e})")
+    else:
+        print(f"configs:  {', '.join(list_configs())}  (by name from any folder: arnn-plugins train pan_tiny)")
     return 0
 
 
@@ -69,7 +75,8 @@ def _runner(args, **kw):
 
     check_device(args.device)
     _set_threads(getattr(args, "threads", None))
-    return prepare_runner(args.config, args.cfg_options, work_dir=args.work_dir, device=args.device, **kw)
+    return prepare_runner(args.config, args.cfg_options, work_dir=args.work_dir, device=args.device,
+                          verbose=args.verbose, **kw)
 
 
 def _cmd_train(args) -> int:
@@ -109,7 +116,6 @@ def _output_file(path: str, option: str = "--out") -> str:
 
 
 def _cmd_eval(args) -> int:
-    import json
 
     from mmengine.model import is_model_wrapper
 
@@ -140,9 +146,18 @@ def _cmd_eval(args) -> int:
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(metrics, f, indent=1)
+        write_metrics_json(args.out, metrics)
     return 0
+
+
+def write_metrics_json(path: str, metrics) -> None:
+    """Write ``{name: float}`` as strict JSON: a metric that is NaN or infinite is ``null``, not a bare ``NaN``."""
+    import json
+    import math
+
+    strict = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+    with open(path, "w") as f:
+        json.dump(strict, f, indent=1, allow_nan=False)
 
 
 def _cmd_show(args) -> int:
@@ -228,6 +243,26 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_plot(args) -> int:
+    from .experiments import plots
+
+    _output_file(args.out)
+    if args.what == "dependency":
+        if args.runs:
+            raise ValueError("plot dependency takes no run folders")
+        plots.dependency_png(args.out)
+    else:
+        if not args.runs:
+            raise ValueError("plot curves: give one or more run folders (a demo's --work-dir, an mmengine work dir)")
+        curves = {}
+        for run in args.runs:
+            for kind, series in plots.read_curves(run).items():
+                curves[kind if kind not in curves else f"{kind} ({run})"] = series
+        plots.curves_png(curves, args.out)
+    print(f"written {args.out}")
+    return 0
+
+
 class DictAction(argparse.Action):
     """``KEY=VALUE`` pairs into a dict; values as mmengine reads them (numbers, lists, tuples, bools)."""
 
@@ -251,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``arnn-plugins``."""
     from .experiments.recipes import SCALES
 
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="arnn-plugins", description="AttentionRNN plugins for model zoos")
+    p.add_argument("--version", action="version", version=f"arnn-plugins {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("list", help="layers, variants, backends and adapters")
@@ -270,13 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_demo)
 
     def runner_args(s, work_dir=True):
-        s.add_argument("config", help="mmengine Python config, e.g. configs/pan_mbg_arnn.py")
+        s.add_argument("config", help="a shipped config's name (pan_tiny, pan_mbg_arnn: `arnn-plugins list`) or a "
+                                      "config file")
         s.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, metavar="KEY=VALUE",
                        help="override config entries, e.g. train_cfg.max_iters=100 model.attention=ctx")
         if work_dir:
             s.add_argument("--work-dir", default=None, help="checkpoints and logs (default work_dirs/<config>)")
         s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+        s.add_argument("--verbose", action="store_true",
+                       help="mmengine's start-up tables and log lines on the console too (always in the work dir's log)")
 
     s = sub.add_parser("train", help="train a config with mmengine's Runner")
     runner_args(s)
@@ -329,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, metavar="KEY=VALUE")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     s.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("plot", help="training curves of runs, or the figure of what a[i, j] depends on (PNG)")
+    s.add_argument("what", choices=["curves", "dependency"])
+    s.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                   help="(curves) folders with a curves.json (the demo's work dir) or mmengine work dirs")
+    s.add_argument("--out", required=True, help="PNG to write")
+    s.set_defaults(fn=_cmd_plot)
 
     s = sub.add_parser("bench", help="speed and memory tables")
     s.add_argument("--device", default="cpu")

@@ -44,6 +44,7 @@ __all__ = [
     "PretrainedLoad",
     "arnn_modules",
     "arnn_parameter_names",
+    "classifier_head_names",
     "is_arnn_key",
     "checkpoint_safe_globals",
     "read_checkpoint",
@@ -322,8 +323,39 @@ def param_groups(
     return [groups[k] for k in order if k in groups]
 
 
-def freeze_backbone(model: nn.Module) -> List[str]:
-    """Make only ARNN parameters trainable; returns their names.
+def classifier_head_names(model: nn.Module) -> List[str]:
+    """Names of the parameters of ``model``'s classifier head; ``[]`` if it has none that is known.
+
+    The head is what timm's ``get_classifier()`` returns, else an attribute
+    ``fc`` / ``classifier`` / ``head`` (torchvision, transformers).
+    """
+    head = None
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # noqa: BLE001 -- a model whose get_classifier does not apply here
+            head = None
+    if not isinstance(head, nn.Module):
+        for attr in ("fc", "classifier", "head"):
+            if isinstance(getattr(model, attr, None), nn.Module):
+                head = getattr(model, attr)
+                break
+    if not isinstance(head, nn.Module):
+        return []
+    ids = {id(p) for p in head.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) in ids]
+
+
+def freeze_backbone(model: nn.Module, train_head: bool = True) -> List[str]:
+    """Make only the ARNN parameters (and, by default, the classifier head) trainable; returns their names.
+
+    Args:
+        model: a model with ARNN layers in it (after ``swap_attention`` /
+            ``insert_attention``).
+        train_head: keep the classifier head trainable too
+            (:func:`classifier_head_names`): a new head for a new task must
+            learn. ``False`` trains ARNN alone.
 
     Norm layers' running statistics still update in ``train()`` mode; put
     them in eval mode too if they should stay fixed.
@@ -337,9 +369,10 @@ def freeze_backbone(model: nn.Module) -> List[str]:
             f"freeze_backbone: {type(model).__name__} has no ARNN parameters "
             "(run arnn_plugins.swap_attention or insert_attention first)"
         )
+    trainable = arnn_names | (set(classifier_head_names(model)) if train_head else set())
     for name, p in model.named_parameters():
-        p.requires_grad_(name in arnn_names)
-    return sorted(arnn_names)
+        p.requires_grad_(name in trainable)
+    return sorted(trainable)
 
 
 def unfreeze(model: nn.Module) -> None:

@@ -52,6 +52,7 @@ GATE_NAME = "arnn_gate"
 # means that host's adapters are not offered.
 _BUILTIN_ADAPTER_MODULES = (
     "arnn_plugins.adapters.timm_cbam",
+    "arnn_plugins.adapters.timm_resnet",
     "arnn_plugins.adapters.torchvision_resnet",
     "arnn_plugins.adapters.hf_vision",
     "arnn_plugins.adapters.vqa_mcb",

@@ -18,8 +18,18 @@ from arnn_plugins.ops.reference import reference_scan
 def test_list_shows_layers_backends_and_adapters(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for word in ["AttentionRNN", "BlockAttentionRNN", "fused", "reference", "timm_cbam", "torchvision_resnet"]:
+    for word in ["AttentionRNN", "BlockAttentionRNN", "fused", "reference", "timm_cbam", "timm_resnet",
+                 "torchvision_resnet", "configs:", "pan_tiny"]:
         assert word in out
+
+
+def test_version(capsys):
+    import arnn_plugins
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"arnn-plugins {arnn_plugins.__version__}"
 
 
 def test_console_script_is_installed(tmp_path):

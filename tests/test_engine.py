@@ -421,3 +421,45 @@ def test_reproduce_in_two_worker_processes_matches_one(tmp_path):
         return [(key(r), r["accuracy"], r["correctness"]) for r in runs]
 
     assert rows(a) == rows(b)
+
+
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from arnn_plugins.engine.config import config_path, list_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert {"pan_tiny", "pan_mbg_arnn", "pan_mbg_ctx", "mmdet_retinanet_r50_arnn"} <= set(list_configs())
+    for name in ("pan_tiny", "pan_tiny.py", "configs/pan_tiny.py"):
+        path = config_path(name)
+        assert os.path.samefile(path, TINY), name
+    with pytest.raises(FileNotFoundError, match=r"config file not found: pan_tinny .*pan_tiny"):
+        config_path("pan_tinny")
+    # A file of that name in the current folder wins over the shipped one.
+    (tmp_path / "configs").mkdir()
+    mine = tmp_path / "configs" / "pan_tiny.py"
+    mine.write_text(open(TINY).read())
+    assert os.path.samefile(config_path("configs/pan_tiny.py"), mine)
+
+
+def test_train_console_shows_mmengine_tables_only_with_verbose(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    opts = ["--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=2"]
+    assert main(["train", "pan_tiny", "--work-dir", "quiet", "--device", "cpu", *opts]) == 0
+    quiet = capsys.readouterr().out
+    assert main(["train", "pan_tiny", "--work-dir", "loud", "--device", "cpu", "--verbose", *opts]) == 0
+    loud = capsys.readouterr().out
+    for table in ("System environment", "Config:", "Hooks will be executed"):
+        assert table not in quiet and table in loud, table
+    assert "trained to iteration 2" in quiet
+    assert len(quiet.splitlines()) < 10 < len(loud.splitlines())
+    # The work dir's log keeps everything either way.
+    logs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "quiet") for f in fs if f.endswith(".log")]
+    assert logs and "Config:" in open(logs[0]).read()
+
+
+def test_metrics_json_is_strict(tmp_path):
+    from arnn_plugins.cli import write_metrics_json
+
+    path = tmp_path / "m.json"
+    write_metrics_json(str(path), {"pan/accuracy": 0.5, "pan/correctness": float("nan"), "x": float("inf")})
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+    assert json.loads(path.read_text()) == {"pan/accuracy": 0.5, "pan/correctness": None, "x": None}

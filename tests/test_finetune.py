@@ -10,6 +10,7 @@ import arnn_plugins as ap  # noqa: E402
 from arnn_plugins.finetune import (  # noqa: E402
     arnn_modules,
     arnn_parameter_names,
+    classifier_head_names,
     freeze_backbone,
     is_arnn_key,
     load_pretrained,
@@ -69,7 +70,7 @@ def test_param_groups_partition_parameters_with_their_learning_rates():
     assert sorted(g["lr"] for g in opt.param_groups) == [0.01, 0.01, 0.1, 0.1]
 
     # Frozen parameters are left out; arnn_lr defaults to lr.
-    freeze_backbone(model)
+    freeze_backbone(model, train_head=False)
     groups = param_groups(model, lr=0.01)
     assert [g["name"] for g in groups] == ["arnn", "arnn_no_decay"]
     assert all(g["lr"] == 0.01 for g in groups)
@@ -77,10 +78,13 @@ def test_param_groups_partition_parameters_with_their_learning_rates():
         param_groups(model, lr=0.01, arnn_lr=-1.0)
 
 
-def test_freeze_backbone_trains_only_arnn_and_unfreeze_undoes_it():
+@pytest.mark.parametrize("train_head", [True, False])
+def test_freeze_backbone_trains_arnn_and_the_head_and_unfreeze_undoes_it(train_head):
     model = make(swap=True)
-    names = freeze_backbone(model)
-    assert names == sorted(arnn_parameter_names(model))
+    head = classifier_head_names(model)
+    assert head == ["fc.weight", "fc.bias"]
+    names = freeze_backbone(model, train_head=train_head)
+    assert names == sorted(arnn_parameter_names(model) + (head if train_head else []))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -90,9 +94,20 @@ def test_freeze_backbone_trains_only_arnn_and_unfreeze_undoes_it():
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(names)
+    assert ("fc.weight" in changed) == train_head
 
     unfreeze(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_classifier_head_of_torchvision_and_transformers_models():
+    tv = pytest.importorskip("torchvision")
+    assert classifier_head_names(tv.models.resnet18(num_classes=3)) == ["fc.weight", "fc.bias"]
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=3)
+    hf = transformers.ResNetForImageClassification(cfg)
+    assert classifier_head_names(hf) == ["classifier.1.weight", "classifier.1.bias"]
+    assert classifier_head_names(nn.Sequential(nn.Conv2d(1, 1, 1))) == []
 
 
 def test_freeze_backbone_without_arnn_raises():

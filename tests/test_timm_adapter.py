@@ -277,3 +277,40 @@ def test_attention_map_and_input_checks():
         CbamARNN.from_cbam(nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match="ARNNSpatialAttn: mode"):
         ARNNSpatialAttn(32, mode="prior")
+
+
+def test_insert_gates_into_plain_timm_resnets_keeps_their_function():
+    from arnn_plugins.adapters import timm_resnet
+    from arnn_plugins.finetune import load_pretrained
+
+    assert "timm_resnet" in ap.list_adapters("insert")
+    torch.manual_seed(0)
+    original = timm.create_model("resnet18", num_classes=5).eval()
+    model = timm.create_model("resnet18", num_classes=5).eval()
+    model.load_state_dict(original.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    want = original(x)
+    names = ap.insert_attention(model, hidden_channels=4)
+    assert names == [f"layer{s}.{b}.arnn_gate" for s in (2, 3, 4) for b in (0, 1)]
+    assert all(timm_resnet.match(model.get_submodule(n.rpartition(".")[0])) for n in names)
+    torch.testing.assert_close(model(x), want)
+    # The original checkpoint loads with only the gates' keys new; a train step moves the gates.
+    report = load_pretrained(model, original.state_dict())
+    assert report.missing_arnn and all(".arnn_gate." in k for k in report.missing_arnn)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".arnn_gate." in k}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    opt.step()
+    after = model.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+    assert ap.remove_attention(model) == names
+    assert set(model.state_dict()) == set(original.state_dict())
+
+
+def test_insert_into_timm_resnet50_stages_option():
+    model = timm.create_model("resnet50", num_classes=3)
+    names = ap.insert_attention(model, stages="all", hidden_channels=4)
+    assert len(names) == 3 + 4 + 6 + 3
+    gate = model.layer1[0].arnn_gate
+    assert gate.in_channels == 256

@@ -8,6 +8,7 @@ torchvision = pytest.importorskip("torchvision")
 
 import arnn_plugins as ap  # noqa: E402
 from arnn_plugins.adapters import torchvision_resnet as tvr  # noqa: E402
+from arnn_plugins.adapters._stages import block_out_channels  # noqa: E402
 from arnn_plugins.gate import ARNNGate  # noqa: E402
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -224,5 +225,5 @@ def test_adapter_is_listed_and_matches_only_resnet_blocks():
     assert tvr.ADAPTER_NAME in ap.list_adapters("insert")
     assert tvr.match(BasicBlock(8, 8)) and tvr.match(Bottleneck(16, 4))
     assert not tvr.match(nn.Conv2d(3, 3, 1)) and not tvr.match(make("resnet18"))
-    assert tvr.block_out_channels(Bottleneck(16, 4)) == 16
-    assert tvr.block_out_channels(BasicBlock(8, 12, downsample=nn.Conv2d(8, 12, 1))) == 12
+    assert block_out_channels("torchvision_resnet", Bottleneck(16, 4)) == 16
+    assert block_out_channels("torchvision_resnet", BasicBlock(8, 12, downsample=nn.Conv2d(8, 12, 1))) == 12

@@ -22,6 +22,7 @@ names the file and what is wrong with it.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import os.path as osp
 import re
@@ -38,6 +39,7 @@ from ..serialization import CheckpointError, read_checkpoint
 
 __all__ = [
     "CheckpointRunner",
+    "QuietCheckpointRunner",
     "check_work_dir",
     "find_resume_checkpoint",
     "fit_error",
@@ -77,6 +79,23 @@ class CheckpointRunner(Runner):
     back ends (``s3://`` and such, which upload whole objects) are left to
     mmengine.
     """
+
+    #: ``True``: the console shows warnings and errors only (the log file in
+    #: the work dir still gets everything at the config's ``log_level``).
+    quiet_console = False
+
+    def build_logger(self, *args, **kwargs):
+        """mmengine's logger; with :attr:`quiet_console`, its console handler raised to WARNING.
+
+        Done here, before the Runner logs its environment, config and hook
+        tables (about 200 lines) to the console.
+        """
+        logger = super().build_logger(*args, **kwargs)
+        if self.quiet_console:
+            for handler in logger.handlers:
+                if type(handler) is logging.StreamHandler:  # not the FileHandler subclass
+                    handler.setLevel(max(handler.level, logging.WARNING))
+        return logger
 
     @master_only
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs):
@@ -233,3 +252,9 @@ def check_work_dir(work_dir: str) -> None:
             pass
     except OSError as e:
         raise ValueError(f"work dir {work_dir} cannot be written: {e.strerror or e}") from None
+
+
+class QuietCheckpointRunner(CheckpointRunner):
+    """:class:`CheckpointRunner` that prints only warnings and errors to the console (the CLI without ``--verbose``)."""
+
+    quiet_console = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import os.path as osp
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -16,7 +17,7 @@ import torch
 
 from ..checks import check_int
 
-__all__ = ["load_config", "RUNNER_OPTIONS"]
+__all__ = ["config_path", "list_configs", "load_config", "RUNNER_OPTIONS"]
 
 # Top-level keys mmengine's Runner reads that a config may leave out (they
 # have defaults), so ``--cfg-options`` may set them even when the file does
@@ -24,11 +25,45 @@ __all__ = ["load_config", "RUNNER_OPTIONS"]
 RUNNER_OPTIONS = ("launcher", "sync_bn", "find_unused_parameters", "model_wrapper_cfg", "randomness", "env_cfg")
 
 
-def load_config(path: str, options: Optional[Dict] = None):
-    """Read an mmengine config file and merge ``options`` (``{'a.b': value}``).
+def _shipped_dir() -> str:
+    from .. import configs
+
+    return list(configs.__path__)[0]
+
+
+def list_configs() -> Tuple[str, ...]:
+    """Names of the configs shipped with the package (``pan_tiny``, ``pan_mbg_arnn``, ...)."""
+    folder = _shipped_dir()
+    return tuple(sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_")))
+
+
+def config_path(name: str) -> str:
+    """The file a config argument means: a path that exists, else a shipped config by name.
+
+    ``pan_tiny``, ``pan_tiny.py`` and ``configs/pan_tiny.py`` all name the
+    shipped ``pan_tiny`` config from any directory (a file of that path in
+    the current directory wins).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: neither a file nor a shipped config's name; the
+            message lists the shipped names.
+    """
+    if osp.isfile(name):
+        return name
+    stem = osp.basename(name)
+    stem = stem[:-3] if stem.endswith(".py") else stem
+    folder = osp.dirname(name)
+    if folder in ("", "configs", "configs/", "./configs") and stem in list_configs():
+        return osp.join(_shipped_dir(), stem + ".py")
+    raise FileNotFoundError(f"config file not found: {name} (not a file, nor one of the shipped configs: "
+                            f"{', '.join(list_configs())}; `arnn-plugins list` lists them)")
+
+
+def load_config(path: str, options: Optional[Dict] = None):
+    """Read an mmengine config (a file, or a shipped config's name) and merge ``options`` (``{'a.b': value}``).
+
+    Raises:
+        FileNotFoundError: no such file or shipped config (:func:`config_path`).
         ValueError: the file does not parse; an option names no key of the
             config (a typo would otherwise be silently added: a new key is
             refused where the dict's ``type`` takes no such argument, or where
@@ -37,8 +72,7 @@ def load_config(path: str, options: Optional[Dict] = None):
     """
     from mmengine.config import Config
 
-    if not osp.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+    path = config_path(path)
     try:
         cfg = Config.fromfile(path)
     except Exception as e:  # mmengine raises SyntaxError, ImportError, ... for broken files

@@ -21,8 +21,11 @@ __all__ = ["load_config", "build_runner", "prepare_runner", "build_model", "last
 
 def build_runner(cfg, work_dir: Optional[str] = None, device: Optional[str] = None, amp: bool = False,
                  resume: bool = False, load_from: Optional[str] = None, launcher: Optional[str] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, verbose: bool = True):
     """An mmengine :class:`~mmengine.runner.Runner` from a loaded config.
+
+    ``verbose=False`` keeps mmengine's start-up tables (environment, config,
+    hooks) and INFO lines off the console; the work dir's log has them all.
 
     ``device`` ``"cpu"`` hides CUDA from the Runner (it picks CUDA whenever
     it sees one); ``amp`` switches the optimiser wrapper to mmengine's
@@ -53,7 +56,7 @@ def build_runner(cfg, work_dir: Optional[str] = None, device: Optional[str] = No
             for this device, or ``--launcher none`` under torchrun / srun /
             mpirun with several processes.
     """
-    from .checkpoints import CheckpointRunner, check_work_dir
+    from .checkpoints import CheckpointRunner, QuietCheckpointRunner, check_work_dir
     from .distributed import check_launcher
 
     # Deep: the distributed set-up below fills in nested dicts (env_cfg,
@@ -99,7 +102,8 @@ def build_runner(cfg, work_dir: Optional[str] = None, device: Optional[str] = No
     else:
         dist_setup = _setup_distributed(cfg, launcher, device, threads)
     cfg.setdefault("custom_imports", dict(imports=["arnn_plugins.engine"], allow_failed_imports=False))
-    runner = CheckpointRunner.from_cfg(cfg)  # mmengine's Runner, checkpoints written atomically
+    # mmengine's Runner, checkpoints written atomically
+    runner = (CheckpointRunner if verbose else QuietCheckpointRunner).from_cfg(cfg)
     if dist_setup is not None:
         info, backend = dist_setup
         runner.logger.info(

@@ -8,7 +8,8 @@
                 they print are :mod:`arnn_plugins.data`'s)
 ``demo``        the main job, ``arnn-plugins demo``
 ``outline``     the outline-fill task, ``arnn-plugins demo --outline``
-``pictures``    mask pictures
+``pictures``    mask pictures (``arnn-plugins show``, the demo's PNG)
+``plots``       training curves, what ``a[i, j]`` depends on (``arnn-plugins plot``)
 ``bench``       speed and memory tables, ``arnn-plugins bench``
 ==============  ===============================================================
 """

@@ -1,4 +1,4 @@
-"""Pictures of masks: PAN's layer masks and their product per item, and plain mask grids."""
+"""Pictures of masks: PAN's layer masks and their product per item (matplotlib), and plain mask grids."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..data import COLOURS
 
-__all__ = ["pan_masks", "mask_panel_png", "mask_grid_png"]
+__all__ = ["pan_masks", "mask_products", "mask_panel_figure", "mask_panel_png", "mask_grid_png"]
 
 
 @torch.no_grad()
@@ -36,6 +36,101 @@ def _colour_names(task: str):
         lambda q: COLOURS[int(q)], lambda a: str(int(a)))
 
 
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a boolean ``(H, W)`` mask."""
+    inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+    return mask & ~inner
+
+
+def mask_products(models: Dict[str, Tuple[torch.Tensor, list]]) -> Dict[str, torch.Tensor]:
+    """Per model, the product of its layer masks as a share of attention mass per pixel.
+
+    ``models`` as :func:`mask_panel_png` takes it; returns name -> ``(N, H, W)``,
+    each item's map summing to 1: the quantity mask correctness scores (the
+    share of it inside the target). A uniform mask is ``1 / (H W)`` everywhere.
+    """
+    out = {}
+    for name, (_, masks) in models.items():
+        prod = torch.ones_like(masks[0][:, 0])
+        for m in masks:
+            prod = prod * m[:, 0].float()
+        out[name] = prod / prod.sum(dim=(1, 2), keepdim=True).clamp_min(1e-30)
+    return out
+
+
+def mask_panel_figure(images: torch.Tensor, queries: torch.Tensor, answers: torch.Tensor,
+                      models: Dict[str, Tuple[torch.Tensor, list]], task: str = "color", scale: int = 2,
+                      target_masks: Optional[torch.Tensor] = None):
+    """The mask picture as a matplotlib ``Figure`` (see :func:`mask_panel_png`).
+
+    Every layer mask of every model is drawn on one colour scale, 0 to 1 (a
+    gate's value), and every product on another, shared by all models and
+    items: 0 to the largest share of mass any pixel gets. Each scale has a
+    labelled colour bar; the product's marks the uniform level ``1 / (H W)``.
+    """
+    from matplotlib.figure import Figure
+
+    n, _, h, w = images.shape
+    qname, aname = _colour_names(task)
+    products = mask_products(models)
+    top = max(float(p.max()) for p in products.values()) if products else 1.0
+    uniform = 1.0 / (h * w)
+    columns = 1 + sum(len(m) + 1 for _, m in models.values())
+    side = max(1.0, w * scale / 60)
+    fig = Figure(figsize=(side * columns + 1.6, side * n + 0.9), dpi=100)
+    grid = fig.add_gridspec(n, columns + 1, width_ratios=[1] * columns + [0.12], wspace=0.08, hspace=0.35,
+                            left=0.02, right=0.93, top=1 - 0.55 / (side * n + 0.9), bottom=0.03)
+    layer_im = prod_im = None
+    for r in range(n):
+        rgb = images[r].permute(1, 2, 0).float().clamp(0, 1).numpy()
+        edge = _outline(target_masks[r].numpy().astype(bool)) if target_masks is not None else None
+        ax = fig.add_subplot(grid[r, 0])
+        shown = rgb.copy()
+        if edge is not None:
+            shown[edge] = (0.0, 1.0, 1.0)
+        ax.imshow(shown, interpolation="nearest")
+        ax.set_title(f"query {qname(queries[r])} \u2192 {aname(answers[r])}", fontsize=8)
+        if r == 0:
+            ax.text(0.0, 1.32, "input (target outlined)", transform=ax.transAxes, fontsize=8, weight="bold")
+        ax.set_axis_off()
+        col = 1
+        for name, (pred, masks) in models.items():
+            for k, m in enumerate(masks):
+                ax = fig.add_subplot(grid[r, col])
+                layer_im = ax.imshow(m[r, 0].float().numpy(), cmap="gray", vmin=0.0, vmax=1.0,
+                                     interpolation="nearest")
+                if r == 0:
+                    ax.text(0.0, 1.32, f"{name}" if k == 0 else "", transform=ax.transAxes, fontsize=9,
+                            weight="bold")
+                    ax.set_title(f"layer {k + 1}", fontsize=8)
+                ax.set_axis_off()
+                col += 1
+            ax = fig.add_subplot(grid[r, col])
+            prod_im = ax.imshow(products[name][r].numpy(), cmap="magma", vmin=0.0, vmax=top,
+                                interpolation="nearest")
+            if edge is not None:
+                ys, xs = np.nonzero(edge)
+                ax.scatter(xs, ys, s=0.6, c="cyan", marker="s", linewidths=0)
+            ok = int(pred[r]) == int(answers[r])
+            ax.set_title(("product\n" if r == 0 else "") + f"says {aname(pred[r])} {'ok' if ok else 'wrong'}",
+                         fontsize=8, color="darkgreen" if ok else "red")
+            ax.set_axis_off()
+            col += 1
+    half = max(1, n // 2)
+    if layer_im is not None:
+        bar = fig.colorbar(layer_im, cax=fig.add_subplot(grid[:half, columns]))
+        bar.set_label("layer mask (gate value)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    if prod_im is not None:
+        bar = fig.colorbar(prod_im, cax=fig.add_subplot(grid[half:, columns] if n > 1 else grid[:, columns]))
+        bar.set_label("product: share of mass per pixel", fontsize=8)
+        bar.ax.axhline(uniform, color="cyan", lw=1.5)
+        bar.ax.text(1.05, uniform, " uniform", transform=bar.ax.get_yaxis_transform(), fontsize=7,
+                    color="teal", va="center")
+        bar.ax.tick_params(labelsize=7)
+    return fig
+
+
 def mask_panel_png(path: str, images: torch.Tensor, queries: torch.Tensor, answers: torch.Tensor,
                    models: Dict[str, Tuple[torch.Tensor, list]], task: str = "color", scale: int = 2,
                    target_masks: Optional[torch.Tensor] = None) -> Tuple[int, int]:
@@ -45,65 +140,20 @@ def mask_panel_png(path: str, images: torch.Tensor, queries: torch.Tensor, answe
         images: ``(N, 3, H, W)`` in [0, 1]; queries, answers ``(N,)``.
         models: name -> ``(pred (N,), [mask (N, 1, H, W) per layer])`` as
             :func:`pan_masks` gives them (several attention kinds side by side).
-        target_masks: optional ``(N, H, W)``; outlined on the input.
+        target_masks: optional ``(N, H, W)``; outlined on the input and on
+            each product.
+        scale: size of a tile (about ``scale`` screen pixels per image pixel).
 
-    The product of the layers' masks (what mask correctness scores),
-    normalised to its maximum, is overlaid in red on the dimmed input.
-    Returns the picture's ``(width, height)``.
+    Layer masks share one colour scale (0 to 1) and products another (share
+    of mass per pixel, :func:`mask_products`), the same for every model, with
+    colour bars (:func:`mask_panel_figure`). Returns the PNG's ``(width, height)``.
     """
-    from PIL import Image, ImageDraw
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    n, _, h, w = images.shape
-    qname, aname = _colour_names(task)
-    cw, ch, top, label = w * scale + 4, h * scale + 4, 28, 12
-    columns = 1 + sum(len(m) + 1 for _, m in models.values())
-    canvas = Image.new("RGB", (cw * columns, top + (ch + label) * n), "white")
-    draw = ImageDraw.Draw(canvas)
-
-    def tile(arr: np.ndarray) -> Image.Image:
-        img = Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8))
-        return img.resize((w * scale, h * scale), Image.NEAREST)
-
-    col = 0
-    draw.text((3, 2), "input", fill="black")
-    draw.text((3, 14), "query -> answer", fill="black")
-    col += 1
-    for name, (_, masks) in models.items():
-        for k in range(len(masks)):
-            draw.text((col * cw + 3, 2), name if k == 0 else "", fill="black")
-            draw.text((col * cw + 3, 14), f"layer {k + 1}", fill="black")
-            col += 1
-        draw.text((col * cw + 3, 14), "product", fill="black")
-        col += 1
-    for r in range(n):
-        y = top + r * (ch + label)
-        rgb = images[r].permute(1, 2, 0).float().numpy()
-        shown = rgb.copy()
-        if target_masks is not None:
-            t = target_masks[r].numpy().astype(bool)
-            edge = t & ~(np.roll(t, 1, 0) & np.roll(t, -1, 0) & np.roll(t, 1, 1) & np.roll(t, -1, 1))
-            shown[edge] = (0.0, 1.0, 1.0)
-        canvas.paste(tile(shown), (2, y + 2))
-        draw.text((2, y + ch), f"{qname(queries[r])} -> {aname(answers[r])}", fill="black")
-        col = 1
-        for name, (pred, masks) in models.items():
-            for m in masks:
-                g = m[r, 0].numpy()
-                canvas.paste(tile(np.repeat(g[..., None], 3, axis=2)), (col * cw + 2, y + 2))
-                col += 1
-            prod = torch.ones(h, w)
-            for m in masks:
-                prod = prod * m[r, 0]
-            prod = (prod / prod.max().clamp_min(1e-12)).numpy()
-            over = 0.35 * rgb.mean(axis=2, keepdims=True).repeat(3, axis=2)
-            over[..., 0] = np.maximum(over[..., 0], prod)
-            canvas.paste(tile(over), (col * cw + 2, y + 2))
-            ok = int(pred[r]) == int(answers[r])
-            draw.text((col * cw + 2, y + ch), f"{aname(pred[r])} {'ok' if ok else 'x'}",
-                      fill="darkgreen" if ok else "red")
-            col += 1
-    canvas.save(path)
-    return canvas.size
+    fig = mask_panel_figure(images, queries, answers, models, task=task, scale=scale, target_masks=target_masks)
+    canvas = FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=fig.dpi)
+    return tuple(int(v) for v in canvas.get_width_height())
 
 
 def mask_grid_png(path: str, images: torch.Tensor, columns: Dict[str, torch.Tensor], scale: int = 4) -> None:
