@@ -47,12 +47,14 @@ def test_every_model_shares_one_scale_per_kind_of_tile():
     n_items, n_models, layers = 3, 2, 3
     layer_tiles = sum(1 for ax in fig.axes for im in ax.get_images() if im.get_cmap().name == "gray")
     assert layer_tiles == n_items * n_models * layers
-    # Layer masks: gate values on one fixed 0-1 scale; products: one scale up to the largest share anywhere.
+    # Layer masks: gate values on one fixed 0-1 scale; products: one log scale from a tenth of
+    # the uniform level to the largest share anywhere.
     assert layer_clims == {(0.0, 1.0)}
     top = max(float(p.max()) for p in mask_products(panels).values())
-    assert len(prod_clims) == 1 and np.isclose(prod_clims.pop()[1], top)
+    assert len(prod_clims) == 1
+    assert np.allclose(prod_clims.pop(), (1 / 120 / 10, top))
     labels = [ax.get_ylabel() for ax in fig.axes]
-    assert "layer mask (gate value)" in labels and "product: share of mass per pixel" in labels
+    assert "layer mask (gate value)" in labels and "product: share of mass per pixel (log)" in labels
 
 
 def test_mask_panel_png_writes_a_picture(tmp_path):

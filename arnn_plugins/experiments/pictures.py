@@ -65,21 +65,25 @@ def mask_panel_figure(images: torch.Tensor, queries: torch.Tensor, answers: torc
 
     Every layer mask of every model is drawn on one colour scale, 0 to 1 (a
     gate's value), and every product on another, shared by all models and
-    items: 0 to the largest share of mass any pixel gets. Each scale has a
-    labelled colour bar; the product's marks the uniform level ``1 / (H W)``.
+    items: logarithmic, from a tenth of the uniform level ``1 / (H W)`` to
+    the largest share of mass any pixel gets (a linear scale would show a
+    near-uniform product as black beside one sharp peak). Each scale has a
+    labelled colour bar; the product's marks the uniform level.
     """
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
     n, _, h, w = images.shape
     qname, aname = _colour_names(task)
     products = mask_products(models)
-    top = max(float(p.max()) for p in products.values()) if products else 1.0
     uniform = 1.0 / (h * w)
+    top = max([float(p.max()) for p in products.values()] + [10 * uniform])
+    norm = LogNorm(vmin=uniform / 10, vmax=top)
     columns = 1 + sum(len(m) + 1 for _, m in models.values())
     side = max(1.0, w * scale / 60)
     fig = Figure(figsize=(side * columns + 1.6, side * n + 0.9), dpi=100)
     grid = fig.add_gridspec(n, columns + 1, width_ratios=[1] * columns + [0.12], wspace=0.08, hspace=0.35,
-                            left=0.02, right=0.93, top=1 - 0.55 / (side * n + 0.9), bottom=0.03)
+                            left=0.02, right=0.9, top=1 - 0.6 / (side * n + 0.9), bottom=0.03)
     layer_im = prod_im = None
     for r in range(n):
         rgb = images[r].permute(1, 2, 0).float().clamp(0, 1).numpy()
@@ -106,7 +110,7 @@ def mask_panel_figure(images: torch.Tensor, queries: torch.Tensor, answers: torc
                 ax.set_axis_off()
                 col += 1
             ax = fig.add_subplot(grid[r, col])
-            prod_im = ax.imshow(products[name][r].numpy(), cmap="magma", vmin=0.0, vmax=top,
+            prod_im = ax.imshow(products[name][r].numpy().clip(uniform / 10, None), cmap="magma", norm=norm,
                                 interpolation="nearest")
             if edge is not None:
                 ys, xs = np.nonzero(edge)
@@ -123,7 +127,7 @@ def mask_panel_figure(images: torch.Tensor, queries: torch.Tensor, answers: torc
         bar.ax.tick_params(labelsize=7)
     if prod_im is not None:
         bar = fig.colorbar(prod_im, cax=fig.add_subplot(grid[half:, columns] if n > 1 else grid[:, columns]))
-        bar.set_label("product: share of mass per pixel", fontsize=8)
+        bar.set_label("product: share of mass per pixel (log)", fontsize=8)
         bar.ax.axhline(uniform, color="cyan", lw=1.5)
         bar.ax.text(1.05, uniform, " uniform", transform=bar.ax.get_yaxis_transform(), fontsize=7,
                     color="teal", va="center")
