@@ -100,6 +100,27 @@ def fx_leaf(module: nn.Module, x: "torch.fx.Proxy", query, return_stats: bool):
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
+def _per_location(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Apply ``module`` to features-last rows ``x`` ``(..., C_in)`` -> ``(..., C_out)``.
+
+    ``module`` is a 1x1 ``nn.Conv2d`` (ungrouped), a pointwise layer, or an
+    ``nn.Sequential`` of those: the same map as on ``(B, C, H, W)``, without
+    the layout change a conv would need.
+    """
+    if isinstance(module, nn.Sequential):
+        for m in module:
+            x = _per_location(x, m)
+        return x
+    if isinstance(module, nn.Conv2d):
+        return F.linear(x, module.weight.flatten(1), module.bias)
+    return module(x)
+
+
+def _as_map(m: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` (any strides) -> a dense ``(B, 1, H, W)`` map."""
+    return m.unsqueeze(1).contiguous()
+
+
 class AttentionRNN(nn.Module):
     """Structured spatial attention: ``a[i, j]`` conditioned on the raster-scan past.
 
@@ -256,28 +277,42 @@ class AttentionRNN(nn.Module):
         # about twice as fast as the conv's on CPU) and leaves each cell's
         # gate vector contiguous, the layout the scan backends read best.
         cin = xc.shape[1]
-        xin = torch.stack([xc, xc.flip(-1)], dim=0).permute(0, 1, 3, 4, 2).reshape(2, b * h * w, cin)
+        # One copy: the stack of the two features-last views is already
+        # (2, B, H, W, Cc) in memory.
+        xl = xc.permute(0, 2, 3, 1)
+        xin = torch.stack([xl, xl.flip(2)], dim=0).reshape(2, b * h * w, cin)
         weight = self.input_proj.weight.view(2, 4 * t, cin).transpose(1, 2).to(xin.dtype)
         bias = self.input_proj.bias.view(2, 1, 4 * t).to(xin.dtype)
         gx = torch.baddbmm(bias, xin, weight).view(2, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
         hid = diagonal_lstm(gx, self.weight_hh, self.backend)  # (B, 2, t, H, W)
-        h_l, h_r = hid[:, 0], hid[:, 1].flip(-1)
+
+        # Heads, mirror, shift and combination all act per location, so they
+        # run on (B, H, W, features) rows: the heads read the hidden states
+        # where the scan left them (features last, no layout copy), their
+        # gradient comes back in that layout, and the mirror and shift move
+        # 2 head outputs per location instead of t hidden features (whose
+        # select / flip / pad backwards each filled and copied a full-size
+        # gradient). A zero hidden state's heads are the bias: that is what
+        # the shift brings into row 0.
+        rows = hid.permute(0, 3, 4, 1, 2).reshape(b, h, w, 2 * t)
+        heads = F.linear(rows, torch.block_diag(*self.heads.weight.view(2, 2, t)), self.heads.bias)
+        right = heads[..., 2:4].flip(2)  # (B, H, W, 2) in image coordinates
         if self.shift:
             # Row i of the right direction may only see rows above i.
-            h_r = F.pad(h_r, (0, 0, 1, 0))[:, :, :h]
-
-        heads = self.heads(torch.cat([h_l, h_r], dim=1))
-        mu_l, sigma_l = heads[:, 0:1], _positive(heads[:, 1:2], self.min_sigma)
-        mu_r, sigma_r = heads[:, 2:3], _positive(heads[:, 3:4], self.min_sigma)
+            top = self.heads.bias[2:4].to(right.dtype).expand(b, 1, w, 2)
+            right = torch.cat([top, right[:, :-1]], dim=1)
+        mu_l, sigma_l = heads[..., 0], _positive(heads[..., 1], self.min_sigma)
+        mu_r, sigma_r = right[..., 0], _positive(right[..., 1], self.min_sigma)
         if self.combiner is None:
             mu, sigma = product_of_gaussians(mu_l, sigma_l, mu_r, sigma_r)
         else:
-            out = self.combiner(torch.cat([mu_l, sigma_l, mu_r, sigma_r], dim=1))
-            mu, sigma = out[:, 0:1], _positive(out[:, 1:2], self.min_sigma)
+            out = _per_location(torch.stack([mu_l, sigma_l, mu_r, sigma_r], dim=-1), self.combiner)
+            mu, sigma = out[..., 0], _positive(out[..., 1], self.min_sigma)
+        mu, sigma = _as_map(mu), _as_map(sigma)
 
         a = mu + sigma * torch.randn_like(mu) if (self.sample and self.training) else mu
         if return_stats:
-            return ARNNStats(a, mu, sigma, mu_l, sigma_l, mu_r, sigma_r)
+            return ARNNStats(a, mu, sigma, *(_as_map(m) for m in (mu_l, sigma_l, mu_r, sigma_r)))
         return a
 
 
