@@ -161,19 +161,47 @@ def _ok(rc: int) -> None:
         raise MemoryError("AttentionRNN: the CPU scan kernel could not allocate its scratch memory")
 
 
-def _run_chunks(fn, n_seq: int) -> None:
-    """Call ``fn(s0, s1)`` over ``n_seq`` sequences split across torch's thread count."""
+def _blocks(b: int, d: int):
+    """The kernel's units of work: ``(s0, s1)`` ranges of sequences ``s = d * B + b`` it advances together."""
+    nb = int(load().arnn_block())
+    return [(k * b + b0, k * b + min(b0 + nb, b)) for k in range(d) for b0 in range(0, b, nb)]
+
+
+def _run_blocks(fn, b: int, d: int) -> None:
+    """Call ``fn(s0, s1)`` over the ``d * b`` sequences, spread over torch's thread count.
+
+    The calling thread works too, and each thread takes the next block of
+    sequences when it is done with one. A fixed split into one share per
+    thread made the step wait for the slowest share: on a machine whose
+    other core is busy with another process, two threads then took as long
+    as one. Taking blocks as they come, a busy core slows the scan only by
+    the blocks it does not get to.
+    """
     global _pool
-    workers = max(1, min(torch.get_num_threads(), n_seq))
+    blocks = _blocks(b, d)
+    workers = max(1, min(torch.get_num_threads(), len(blocks)))
     if workers == 1:
-        fn(0, n_seq)
+        fn(0, d * b)
         return
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(max_workers=workers)
-    bounds = [round(k * n_seq / workers) for k in range(workers + 1)]
-    futures = [_pool.submit(fn, bounds[k], bounds[k + 1]) for k in range(workers)]
-    for fut in futures:
-        fut.result()
+    if _pool is None or _pool._max_workers < workers - 1:
+        _pool = ThreadPoolExecutor(max_workers=workers - 1)
+    todo = iter(blocks)
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                block = next(todo, None)
+            if block is None:
+                return
+            fn(*block)
+
+    futures = [_pool.submit(work) for _ in range(workers - 1)]
+    try:
+        work()
+    finally:
+        for fut in futures:
+            fut.result()
 
 
 def _graph_kept() -> bool:
@@ -226,7 +254,7 @@ def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor):
                 ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t), ctypes.c_int(s0),
                 ctypes.c_int(s1)))
 
-    _run_chunks(run, d * b)
+    _run_blocks(run, b, d)
     return hid, cbuf, acts
 
 
@@ -260,7 +288,7 @@ def _backward(grad_h, wg, hid, cbuf, acts, overwrite):
                 _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t),
                 ctypes.c_int(s0), ctypes.c_int(s1)))
 
-    _run_chunks(run, d * b)
+    _run_blocks(run, b, d)
     return dgx, dwt.sum(1).permute(0, 3, 2, 1)  # (D, 4t, t, 2)
 
 

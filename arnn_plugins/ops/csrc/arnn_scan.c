@@ -26,7 +26,7 @@
    -lm into
    ~/.cache/arnn-plugins/kernels, the library's name keyed by a hash of this
    file's text, the flags and the CPU's instruction sets. Exported:
-   arnn_fwd_f32, arnn_fwd_f64, arnn_bwd_f32, arnn_bwd_f64. */
+   arnn_fwd_f32, arnn_fwd_f64, arnn_bwd_f32, arnn_bwd_f64, arnn_block. */
 
 #include <math.h>
 #include <stdlib.h>
@@ -104,7 +104,8 @@ static void tanh_n_f32(float *y, const float *x, int n)
    whole vectors, so no vector load reads past a buffer.
 
    Both functions return 0, or -1 when their scratch memory could not be
-   allocated (nothing is written then). */
+   allocated (nothing is written then). arnn_block() tells the caller NB, so
+   that it hands threads whole blocks. */
 
 #define NB 4 /* sequences per block */
 #define VB 2 /* vectors per tile row: NB x VB accumulators fit 16 registers */
@@ -382,3 +383,5 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
 
 DEFINE(float, f32)
 DEFINE(double, f64)
+
+int arnn_block(void) { return NB; }
