@@ -292,16 +292,17 @@ class AttentionRNN(nn.Module):
         # gradient comes back in that layout, and the mirror and shift move
         # 2 head outputs per location instead of t hidden features (whose
         # select / flip / pad backwards each filled and copied a full-size
-        # gradient). A zero hidden state's heads are the bias: that is what
-        # the shift brings into row 0.
+        # gradient). The bias comes after the shift: the zero hidden state
+        # the shift brings into row 0 has heads equal to the bias.
         rows = hid.permute(0, 3, 4, 1, 2).reshape(b, h, w, 2 * t)
-        heads = F.linear(rows, torch.block_diag(*self.heads.weight.view(2, 2, t)), self.heads.bias)
+        heads = F.linear(rows, torch.block_diag(*self.heads.weight.view(2, 2, t)))
         right = heads[..., 2:4].flip(2)  # (B, H, W, 2) in image coordinates
         if self.shift:
             # Row i of the right direction may only see rows above i.
-            top = self.heads.bias[2:4].to(right.dtype).expand(b, 1, w, 2)
-            right = torch.cat([top, right[:, :-1]], dim=1)
-        mu_l, sigma_l = heads[..., 0], _positive(heads[..., 1], self.min_sigma)
+            right = F.pad(right, (0, 0, 0, 0, 1, 0))[:, :h]
+        bias = self.heads.bias.to(heads.dtype)
+        left, right = heads[..., 0:2] + bias[0:2], right + bias[2:4]
+        mu_l, sigma_l = left[..., 0], _positive(left[..., 1], self.min_sigma)
         mu_r, sigma_r = right[..., 0], _positive(right[..., 1], self.min_sigma)
         if self.combiner is None:
             mu, sigma = product_of_gaussians(mu_l, sigma_l, mu_r, sigma_r)
