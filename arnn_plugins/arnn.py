@@ -101,24 +101,20 @@ def fx_leaf(module: nn.Module, x: "torch.fx.Proxy", query, return_stats: bool):
 
 
 def _per_location(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Apply ``module`` to features-last rows ``x`` ``(..., C_in)`` -> ``(..., C_out)``.
+    """Apply ``module`` to feature planes ``x`` ``(C_in, N)`` -> ``(C_out, N)``, ``N`` locations.
 
     ``module`` is a 1x1 ``nn.Conv2d`` (ungrouped), a pointwise layer, or an
-    ``nn.Sequential`` of those: the same map as on ``(B, C, H, W)``, without
-    the layout change a conv would need.
+    ``nn.Sequential`` of those: the same map as on ``(B, C, H, W)``, as
+    matrix products whose long side is the locations.
     """
     if isinstance(module, nn.Sequential):
         for m in module:
             x = _per_location(x, m)
         return x
     if isinstance(module, nn.Conv2d):
-        return F.linear(x, module.weight.flatten(1), module.bias)
+        weight = module.weight.flatten(1)
+        return weight @ x if module.bias is None else torch.addmm(module.bias[:, None], weight, x)
     return module(x)
-
-
-def _as_map(m: torch.Tensor) -> torch.Tensor:
-    """``(B, H, W)`` (any strides) -> a dense ``(B, 1, H, W)`` map."""
-    return m.unsqueeze(1).contiguous()
 
 
 class AttentionRNN(nn.Module):
@@ -286,34 +282,36 @@ class AttentionRNN(nn.Module):
         gx = torch.baddbmm(bias, xin, weight).view(2, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
         hid = diagonal_lstm(gx, self.weight_hh, self.backend)  # (B, 2, t, H, W)
 
-        # Heads, mirror, shift and combination all act per location, so they
-        # run on (B, H, W, features) rows: the heads read the hidden states
-        # where the scan left them (features last, no layout copy), their
-        # gradient comes back in that layout, and the mirror and shift move
-        # 2 head outputs per location instead of t hidden features (whose
-        # select / flip / pad backwards each filled and copied a full-size
-        # gradient). The bias comes after the shift: the zero hidden state
-        # the shift brings into row 0 has heads equal to the bias.
+        # Heads, mirror, shift and combination all act per location. The
+        # heads read the hidden states where the scan left them (features
+        # last: no layout copy, and their gradient goes back to the scan in
+        # that layout); their 4 outputs then become planes (4, B, H, W), so
+        # the mirror, the shift and the combiner move 2-4 values per
+        # location, not t features (whose select / flip / pad backwards each
+        # filled and copied a full-size gradient), and every pointwise op
+        # runs on dense planes. The bias comes after the shift: the zero
+        # hidden state the shift brings into row 0 has heads equal to it.
         rows = hid.permute(0, 3, 4, 1, 2).reshape(b, h, w, 2 * t)
-        heads = F.linear(rows, torch.block_diag(*self.heads.weight.view(2, 2, t)))
-        right = heads[..., 2:4].flip(2)  # (B, H, W, 2) in image coordinates
+        heads = F.linear(rows, torch.block_diag(*self.heads.weight.view(2, 2, t))).permute(3, 0, 1, 2).contiguous()
+        right = heads[2:4].flip(-1)  # (2, B, H, W) in image coordinates
         if self.shift:
             # Row i of the right direction may only see rows above i.
-            right = F.pad(right, (0, 0, 0, 0, 1, 0))[:, :h]
-        bias = self.heads.bias.to(heads.dtype)
-        left, right = heads[..., 0:2] + bias[0:2], right + bias[2:4]
-        mu_l, sigma_l = left[..., 0], _positive(left[..., 1], self.min_sigma)
-        mu_r, sigma_r = right[..., 0], _positive(right[..., 1], self.min_sigma)
+            right = F.pad(right, (0, 0, 1, 0))[:, :, :h]
+        bias = self.heads.bias.to(heads.dtype)[:, None, None, None]
+        left, right = heads[0:2] + bias[0:2], right + bias[2:4]
+        mu_l, sigma_l = left[0], _positive(left[1], self.min_sigma)
+        mu_r, sigma_r = right[0], _positive(right[1], self.min_sigma)
         if self.combiner is None:
             mu, sigma = product_of_gaussians(mu_l, sigma_l, mu_r, sigma_r)
         else:
-            out = _per_location(torch.stack([mu_l, sigma_l, mu_r, sigma_r], dim=-1), self.combiner)
-            mu, sigma = out[..., 0], _positive(out[..., 1], self.min_sigma)
-        mu, sigma = _as_map(mu), _as_map(sigma)
+            planes = torch.stack([mu_l, sigma_l, mu_r, sigma_r]).view(4, b * h * w)
+            out = _per_location(planes, self.combiner).view(2, b, h, w)
+            mu, sigma = out[0], _positive(out[1], self.min_sigma)
+        mu, sigma, mu_l, sigma_l, mu_r, sigma_r = (m.unsqueeze(1) for m in (mu, sigma, mu_l, sigma_l, mu_r, sigma_r))
 
         a = mu + sigma * torch.randn_like(mu) if (self.sample and self.training) else mu
         if return_stats:
-            return ARNNStats(a, mu, sigma, *(_as_map(m) for m in (mu_l, sigma_l, mu_r, sigma_r)))
+            return ARNNStats(a, mu, sigma, mu_l, sigma_l, mu_r, sigma_r)
         return a
 
 
