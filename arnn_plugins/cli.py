@@ -232,10 +232,10 @@ def _cmd_bench(args) -> int:
         if args.scaling:
             from .experiments.scaling import run_scaling
 
-            parts.append(run_scaling(device=args.device, repeats=args.repeats, plot=args.plot))
+            parts.append(run_scaling(device=args.device, repeats=args.repeats or 2, plot=args.plot))
         table = "\n\n".join(parts)
     else:
-        table = run(device=args.device, repeats=args.repeats, layer=not args.no_layer, resnet=not args.no_resnet,
+        table = run(device=args.device, repeats=args.repeats or 3, layer=not args.no_layer, resnet=not args.no_resnet,
                     batch=args.batch, amp=args.amp, size=args.size, compile=args.compile)
     print(table)
     if args.out:
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="speed and memory tables")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3; --scaling: 2)")
     s.add_argument("--batch", type=int, default=None)
     s.add_argument("--size", type=int, default=None, help="layer benchmark map size")
     s.add_argument("--amp", action="store_true", help="autocast in the train-step benchmark")
