@@ -100,6 +100,23 @@ def fx_leaf(module: nn.Module, x: "torch.fx.Proxy", query, return_stats: bool):
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
+def _per_location(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Apply ``module`` to feature planes ``x`` ``(C_in, N)`` -> ``(C_out, N)``, ``N`` locations.
+
+    ``module`` is a 1x1 ``nn.Conv2d`` (ungrouped), a pointwise layer, or an
+    ``nn.Sequential`` of those: the same map as on ``(B, C, H, W)``, as
+    matrix products whose long side is the locations.
+    """
+    if isinstance(module, nn.Sequential):
+        for m in module:
+            x = _per_location(x, m)
+        return x
+    if isinstance(module, nn.Conv2d):
+        weight = module.weight.flatten(1)
+        return weight @ x if module.bias is None else torch.addmm(module.bias[:, None], weight, x)
+    return module(x)
+
+
 class AttentionRNN(nn.Module):
     """Structured spatial attention: ``a[i, j]`` conditioned on the raster-scan past.
 
@@ -256,24 +273,41 @@ class AttentionRNN(nn.Module):
         # about twice as fast as the conv's on CPU) and leaves each cell's
         # gate vector contiguous, the layout the scan backends read best.
         cin = xc.shape[1]
-        xin = torch.stack([xc, xc.flip(-1)], dim=0).permute(0, 1, 3, 4, 2).reshape(2, b * h * w, cin)
+        # One copy: the stack of the two features-last views is already
+        # (2, B, H, W, Cc) in memory.
+        xl = xc.permute(0, 2, 3, 1)
+        xin = torch.stack([xl, xl.flip(2)], dim=0).reshape(2, b * h * w, cin)
         weight = self.input_proj.weight.view(2, 4 * t, cin).transpose(1, 2).to(xin.dtype)
         bias = self.input_proj.bias.view(2, 1, 4 * t).to(xin.dtype)
         gx = torch.baddbmm(bias, xin, weight).view(2, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
         hid = diagonal_lstm(gx, self.weight_hh, self.backend)  # (B, 2, t, H, W)
-        h_l, h_r = hid[:, 0], hid[:, 1].flip(-1)
+
+        # Heads, mirror, shift and combination all act per location. The
+        # heads read the hidden states where the scan left them (features
+        # last: no layout copy, and their gradient goes back to the scan in
+        # that layout); their 4 outputs then become planes (4, B, H, W), so
+        # the mirror, the shift and the combiner move 2-4 values per
+        # location, not t features (whose select / flip / pad backwards each
+        # filled and copied a full-size gradient), and every pointwise op
+        # runs on dense planes. The bias comes after the shift: the zero
+        # hidden state the shift brings into row 0 has heads equal to it.
+        rows = hid.permute(0, 3, 4, 1, 2).reshape(b, h, w, 2 * t)
+        heads = F.linear(rows, torch.block_diag(*self.heads.weight.view(2, 2, t))).permute(3, 0, 1, 2).contiguous()
+        right = heads[2:4].flip(-1)  # (2, B, H, W) in image coordinates
         if self.shift:
             # Row i of the right direction may only see rows above i.
-            h_r = F.pad(h_r, (0, 0, 1, 0))[:, :, :h]
-
-        heads = self.heads(torch.cat([h_l, h_r], dim=1))
-        mu_l, sigma_l = heads[:, 0:1], _positive(heads[:, 1:2], self.min_sigma)
-        mu_r, sigma_r = heads[:, 2:3], _positive(heads[:, 3:4], self.min_sigma)
+            right = F.pad(right, (0, 0, 1, 0))[:, :, :h]
+        bias = self.heads.bias.to(heads.dtype)[:, None, None, None]
+        left, right = heads[0:2] + bias[0:2], right + bias[2:4]
+        mu_l, sigma_l = left[0], _positive(left[1], self.min_sigma)
+        mu_r, sigma_r = right[0], _positive(right[1], self.min_sigma)
         if self.combiner is None:
             mu, sigma = product_of_gaussians(mu_l, sigma_l, mu_r, sigma_r)
         else:
-            out = self.combiner(torch.cat([mu_l, sigma_l, mu_r, sigma_r], dim=1))
-            mu, sigma = out[:, 0:1], _positive(out[:, 1:2], self.min_sigma)
+            planes = torch.stack([mu_l, sigma_l, mu_r, sigma_r]).view(4, b * h * w)
+            out = _per_location(planes, self.combiner).view(2, b, h, w)
+            mu, sigma = out[0], _positive(out[1], self.min_sigma)
+        mu, sigma, mu_l, sigma_l, mu_r, sigma_r = (m.unsqueeze(1) for m in (mu, sigma, mu_l, sigma_l, mu_r, sigma_r))
 
         a = mu + sigma * torch.randn_like(mu) if (self.sample and self.training) else mu
         if return_stats:

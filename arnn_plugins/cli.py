@@ -228,14 +228,30 @@ def _cmd_export(args) -> int:
 def _cmd_bench(args) -> int:
     from .experiments.bench import run
 
+    if args.profile and args.device != "cpu":
+        print("arnn-plugins bench: --profile measures the CPU train step; drop --device", file=sys.stderr)
+        return 2
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             print("arnn-plugins bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
             return 2
-    table = run(device=args.device, repeats=args.repeats, layer=not args.no_layer, resnet=not args.no_resnet,
-                batch=args.batch, amp=args.amp, size=args.size, compile=args.compile)
+    _set_threads(args.threads)
+    if args.profile or args.scaling:
+        parts = []
+        if args.profile:
+            from .experiments.profiling import run_profile
+
+            parts.append(run_profile(batch=args.batch or 16, threads=args.threads or 2))
+        if args.scaling:
+            from .experiments.scaling import run_scaling
+
+            parts.append(run_scaling(device=args.device, repeats=args.repeats or 2, plot=args.plot))
+        table = "\n\n".join(parts)
+    else:
+        table = run(device=args.device, repeats=args.repeats or 3, layer=not args.no_layer, resnet=not args.no_resnet,
+                    batch=args.batch, amp=args.amp, size=args.size, compile=args.compile)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
@@ -380,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="speed and memory tables")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 3; --scaling: 2)")
     s.add_argument("--batch", type=int, default=None)
     s.add_argument("--size", type=int, default=None, help="layer benchmark map size")
     s.add_argument("--amp", action="store_true", help="autocast in the train-step benchmark")
@@ -388,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the train-step table for torch.compile'd models (compile time apart)")
     s.add_argument("--no-layer", action="store_true")
     s.add_argument("--no-resnet", action="store_true")
+    s.add_argument("--profile", action="store_true",
+                   help="instead: torch.profiler table of one ResNet18+CBAM and +ARNN train step (self CPU per op)")
+    s.add_argument("--scaling", action="store_true",
+                   help="instead: layer fwd+bwd time and memory against map size, batch and t, with exponents")
+    s.add_argument("--plot", default="scaling.png", help="with --scaling: the log-log chart to write (PNG)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; --profile: 2)")
     s.add_argument("--out", default=None, help="also write the markdown tables here")
     s.set_defaults(fn=_cmd_bench)
     return p

@@ -159,6 +159,41 @@ def test_independent_combination_is_product_of_gaussians():
     assert torch.equal(s.a, s.mu)
 
 
+@pytest.mark.parametrize("combine", ["learned", "independent"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_heads_and_combiner_are_the_per_location_convs_on_the_mirrored_maps(combine, shift):
+    # The layer runs heads, mirror, shift and combiner on features-last rows;
+    # written as the paper's maps: 1x1 convs on (B, 2t, H, W), the right
+    # direction's hidden states mirrored back and shifted down one row.
+    from arnn_plugins.ops import diagonal_lstm
+
+    torch.manual_seed(0)
+    m = AttentionRNN(3, hidden_channels=4, combine=combine, shift=shift, backend="fused").double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    s = m(x, return_stats=True)
+    t = 4
+    xc = m.context(x)
+    gx = m.input_proj(torch.cat([xc, xc.flip(-1)], dim=1)).view(2, 2, 4 * t, 5, 4)
+    hid = diagonal_lstm(gx, m.weight_hh, "reference")
+    h_r = hid[:, 1].flip(-1)
+    if shift:
+        h_r = nn.functional.pad(h_r, (0, 0, 1, 0))[:, :, :5]
+    heads = m.heads(torch.cat([hid[:, 0], h_r], dim=1))
+    soft = lambda r: nn.functional.softplus(r) + m.min_sigma  # noqa: E731
+    mu_l, sigma_l, mu_r, sigma_r = heads[:, 0:1], soft(heads[:, 1:2]), heads[:, 2:3], soft(heads[:, 3:4])
+    if combine == "learned":
+        out = m.combiner(torch.cat([mu_l, sigma_l, mu_r, sigma_r], dim=1))
+        mu, sigma = out[:, 0:1], soft(out[:, 1:2])
+    else:
+        mu, sigma = product_of_gaussians(mu_l, sigma_l, mu_r, sigma_r)
+    for got, want in zip(s, (mu, mu, sigma, mu_l, sigma_l, mu_r, sigma_r)):
+        assert got.shape == (2, 1, 5, 4) and got.is_contiguous()
+        assert torch.allclose(got, want, atol=1e-12)
+
+
 def test_product_of_gaussians_matches_densities():
     # log N(z; mu_l, s_l) + log N(z; mu_r, s_r) - log N(z; mu, s) is constant in z.
     mu_l, s_l, mu_r, s_r = torch.tensor([0.3, 0.5, -1.2, 1.7], dtype=torch.float64)

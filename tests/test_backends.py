@@ -341,7 +341,7 @@ def test_c_source_is_shipped_and_is_what_the_kernel_reads():
     shipped = importlib.resources.files("arnn_plugins.ops").joinpath("csrc/arnn_scan.c")
     assert shipped.is_file()
     text = shipped.read_text(encoding="utf-8")
-    for symbol in ("void arnn_fwd_##SUF", "void arnn_bwd_##SUF", "DEFINE(float, f32)", "DEFINE(double, f64)"):
+    for symbol in ("int arnn_fwd_##SUF", "int arnn_bwd_##SUF", "DEFINE(float, f32)", "DEFINE(double, f64)"):
         assert symbol in text
     assert cpu_kernel.source() == text
     # No second copy of the kernel inside the Python module.
@@ -370,3 +370,45 @@ def test_cpu_kernel_builds_from_the_shipped_source_into_an_empty_cache(tmp_path)
     lib = ctypes.CDLL(str(path))
     for name in ("arnn_fwd_f32", "arnn_fwd_f64", "arnn_bwd_f32", "arnn_bwd_f64"):
         assert hasattr(lib, name)
+
+
+def _grad_layouts(b, d, t, h, w, dtype):
+    """``grad_h`` as the layer's heads hand it back (features last) and as a dense (B, D, t, H, W) tensor."""
+    torch.manual_seed(7)
+    dense = torch.randn(b, d, t, h, w, dtype=dtype)
+    return {"features_last": dense.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2), "dense": dense}
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 16, 3, 5), (5, 16, 4, 3), (9, 4, 2, 6), (6, 8, 5, 1), (7, 5, 1, 4), (4, 3, 3, 3)])
+def test_c_kernel_sequence_blocks_match_reference(dtype, shape):
+    # The kernel advances batch items in blocks of four, on vector tiles:
+    # batches of one, of a block and a bit, H != W, gate counts that fill
+    # whole tiles (t = 16, 8, 4) or not (t = 5, 3), grad_h features-last or
+    # dense, gx in the projection's layout or dense, one thread or three
+    # (chunks that cross the direction boundary), graph kept or freed.
+    b, t, h, w = shape
+    d = 2
+    torch.manual_seed(0)
+    dense = torch.randn(b, d, 4 * t, h, w, dtype=torch.float64)
+    wh64 = (torch.randn(d, 4 * t, t, 2, dtype=torch.float64) * t ** -0.5).requires_grad_(True)
+    gx64 = dense.clone().requires_grad_(True)
+    ref = reference_scan(gx64, wh64)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    threads = torch.get_num_threads()
+    try:
+        for n, gx_layout, retain in ((1, "dense", False), (3, "projection", False), (3, "dense", True)):
+            torch.set_num_threads(n)
+            src = dense if gx_layout == "dense" else dense.permute(1, 0, 3, 4, 2).contiguous().permute(1, 0, 4, 2, 3)
+            gx = src.to(dtype).requires_grad_(True)
+            wh = wh64.detach().to(dtype).requires_grad_(True)
+            out = cpu_kernel.c_scan(gx, wh)
+            assert (out.double() - ref).abs().max().item() < tol
+            for name, go in _grad_layouts(b, d, t, h, w, dtype).items():
+                want = torch.autograd.grad(ref, (gx64, wh64), go.double(), retain_graph=True)
+                got = torch.autograd.grad(out, (gx, wh), go, retain_graph=True if retain else name == "features_last")
+                for a, r in zip(got, want):
+                    assert (a.double() - r).abs().max().item() < tol * max(1.0, r.abs().max().item()), (n, name)
+    finally:
+        torch.set_num_threads(threads)

@@ -106,6 +106,50 @@ def test_table_shows_compile_time_only_when_measured():
     assert "compile s |" in timed.splitlines()[2] and timed.splitlines()[-1].endswith("| 12.3 |")
 
 
+def test_scaling_sweep_table_exponents_and_plot(tmp_path):
+    from arnn_plugins.experiments.scaling import exponents, fit_exponent, format_scaling, plot_scaling, scaling_sweep
+
+    assert fit_exponent([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
+    assert fit_exponent([4], [1.0]) is None
+    calls = []
+    points = scaling_sweep(axes=["size", "batch"], backends=["reference", "fused"], repeats=1,
+                           values={"size": [3, 6], "batch": [1, 2]}, base=dict(batch=1, size=3, hidden=2, channels=2),
+                           progress=calls.append)
+    # The progress bar's total is known up front: repeats + 2 calls per point and backend.
+    assert len(calls) == 4 * 2 * (1 + 2)
+    assert [(p.axis, p.value) for p in points] == [("size", 3), ("size", 6), ("batch", 1), ("batch", 2)]
+    assert all(p.ms[n] > 0 and p.peak_mb[n] >= p.held_mb[n] > 0 for p in points for n in ("reference", "fused"))
+    exps = exponents(points)
+    assert set(exps) == {"size", "batch"} and set(exps["size"]) == {"reference", "fused"}
+    table = format_scaling(points, "t")
+    assert "time exponent against H*W" in table and "| 6 |" in table
+    # A budget of 0 ms skips a backend beyond its first point on each axis.
+    skipped = scaling_sweep(axes=["batch"], backends=["fused"], repeats=1, budget_s=0.0, values={"batch": [1, 2]},
+                            base=dict(size=3, hidden=2, channels=2))
+    assert skipped[1].ms["fused"] is None and "skipped" in format_scaling(skipped)
+    pytest.importorskip("matplotlib")
+    out = plot_scaling(points, str(tmp_path / "s.png"), "t")
+    assert Image.open(out).size[0] > 100
+
+
+def test_profile_table_lists_totals_and_the_scan():
+    pytest.importorskip("timm")
+    from arnn_plugins.experiments.profiling import format_profile, profile_models
+
+    res = profile_models(batch=2, size=32, threads=1)
+    assert list(res) == ["resnet18+cbam", "resnet18+cbam+arnn"]
+    assert all(r["total"][1] > 0 for r in res.values())
+    ops = res["resnet18+cbam+arnn"]
+    assert "_CScan" in ops and "_CScanBackward" in ops and "_CScan" not in res["resnet18+cbam"]
+    table = format_profile(res, top=40, title="t")
+    assert "| difference |" in table and "| _CScanBackward |" in table
+
+
+def test_bench_rejects_profile_on_another_device(capsys):
+    assert main(["bench", "--profile", "--device", "cuda"]) == 2
+    assert "--profile" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_bench_resnet_compiled_rows():
     pytest.importorskip("timm")

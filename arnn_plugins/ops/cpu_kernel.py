@@ -3,9 +3,11 @@
 On a CPU the scan is sequential within one image but independent across
 (direction, batch) pairs, and a per-step PyTorch op costs more in dispatch
 than the arithmetic it does. This module compiles (once, with the system C
-compiler, into ``~/.cache/arnn-plugins``) a plain C function that walks one
-sequence in raster order, which is a valid order for the recurrence: cell
-``(i, j)`` needs only ``(i - 1, j)`` and ``(i, j - 1)``. Sequences are split
+compiler, into ``~/.cache/arnn-plugins``) a plain C function that walks the
+sequences in raster order, which is a valid order for the recurrence: cell
+``(i, j)`` needs only ``(i - 1, j)`` and ``(i, j - 1)``; a few batch items of
+one direction advance together, their mat-vecs one small GEMM on the shared
+weights. Sequences are split
 over threads from Python (``ctypes`` releases the GIL), the forward saves
 gate activations and cells, and the backward is the reverse raster walk
 (writing the input gradient over the saved activations when the graph is
@@ -45,7 +47,10 @@ __all__ = ["SOURCE_FILE", "available", "c_scan", "library_path", "load", "scan_b
 # [options.package_data]); read at build time, never copied into Python.
 SOURCE_FILE = "csrc/arnn_scan.c"
 
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+# -ffp-contract=fast: ISO C modes otherwise forbid fusing a * b + c into
+# one FMA instruction, which halves the recurrence's arithmetic (and rounds
+# once instead of twice).
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c99"]
 _lib = None
 _lock = threading.Lock()
 _pool: Optional[ThreadPoolExecutor] = None
@@ -150,19 +155,53 @@ def _ptr(t: torch.Tensor):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _run_chunks(fn, n_seq: int) -> None:
-    """Call ``fn(s0, s1)`` over ``n_seq`` sequences split across torch's thread count."""
+def _ok(rc: int) -> None:
+    # The kernels return -1 when their few kilobytes of scratch could not be allocated.
+    if rc != 0:
+        raise MemoryError("AttentionRNN: the CPU scan kernel could not allocate its scratch memory")
+
+
+def _blocks(b: int, d: int):
+    """The kernel's units of work: ``(s0, s1)`` ranges of sequences ``s = d * B + b`` it advances together."""
+    nb = int(load().arnn_block())
+    return [(k * b + b0, k * b + min(b0 + nb, b)) for k in range(d) for b0 in range(0, b, nb)]
+
+
+def _run_blocks(fn, b: int, d: int) -> None:
+    """Call ``fn(s0, s1)`` over the ``d * b`` sequences, spread over torch's thread count.
+
+    The calling thread works too, and each thread takes the next block of
+    sequences when it is done with one. A fixed split into one share per
+    thread made the step wait for the slowest share: on a machine whose
+    other core is busy with another process, two threads then took as long
+    as one. Taking blocks as they come, a busy core slows the scan only by
+    the blocks it does not get to.
+    """
     global _pool
-    workers = max(1, min(torch.get_num_threads(), n_seq))
+    blocks = _blocks(b, d)
+    workers = max(1, min(torch.get_num_threads(), len(blocks)))
     if workers == 1:
-        fn(0, n_seq)
+        fn(0, d * b)
         return
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(max_workers=workers)
-    bounds = [round(k * n_seq / workers) for k in range(workers + 1)]
-    futures = [_pool.submit(fn, bounds[k], bounds[k + 1]) for k in range(workers)]
-    for fut in futures:
-        fut.result()
+    if _pool is None or _pool._max_workers < workers - 1:
+        _pool = ThreadPoolExecutor(max_workers=workers - 1)
+    todo = iter(blocks)
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                block = next(todo, None)
+            if block is None:
+                return
+            fn(*block)
+
+    futures = [_pool.submit(work) for _ in range(workers - 1)]
+    try:
+        work()
+    finally:
+        for fut in futures:
+            fut.result()
 
 
 def _graph_kept() -> bool:
@@ -211,10 +250,11 @@ def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor):
     args_g, args_h = _strides(gx), _strides(hid)
 
     def run(s0, s1):
-        fwd(_ptr(gx), *args_g, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
-            ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t), ctypes.c_int(s0), ctypes.c_int(s1))
+        _ok(fwd(_ptr(gx), *args_g, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
+                ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t), ctypes.c_int(s0),
+                ctypes.c_int(s1)))
 
-    _run_chunks(run, d * b)
+    _run_blocks(run, b, d)
     return hid, cbuf, acts
 
 
@@ -244,11 +284,11 @@ def _backward(grad_h, wg, hid, cbuf, acts, overwrite):
     args_h, args_d = _strides(hid), _strides(dgx)
 
     def run(s0, s1):
-        bwd(_ptr(grad_h), *args_o, _ptr(wg), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts), _ptr(dgx), *args_d,
-            _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t),
-            ctypes.c_int(s0), ctypes.c_int(s1))
+        _ok(bwd(_ptr(grad_h), *args_o, _ptr(wg), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts), _ptr(dgx), *args_d,
+                _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t),
+                ctypes.c_int(s0), ctypes.c_int(s1)))
 
-    _run_chunks(run, d * b)
+    _run_blocks(run, b, d)
     return dgx, dwt.sum(1).permute(0, 3, 2, 1)  # (D, 4t, t, 2)
 
 

@@ -12,7 +12,9 @@
    per-step PyTorch op costs more in dispatch than the arithmetic it does.
    So arnn_fwd_* walks whole sequences s0 <= s < s1 (s = d * B + b) in raster
    order, which is a valid order for the recurrence: cell (i, j) needs only
-   (i - 1, j) and (i, j - 1). The caller, arnn_plugins/ops/cpu_kernel.py,
+   (i - 1, j) and (i, j - 1); a few batch items of one direction at a time
+   (see NB below), so that their mat-vecs become one small GEMM sharing the
+   weights. The caller, arnn_plugins/ops/cpu_kernel.py,
    splits the sequences over threads (ctypes releases the GIL). The forward
    saves the gate activations and the cells; arnn_bwd_* is the reverse raster
    walk, and may write the input gradient over the saved activations (when
@@ -20,10 +22,11 @@
 
    No Python or torch headers: the file builds with the system C compiler in
    about a second and needs nothing from the network. cpu_kernel.py compiles
-   it once with -O3 -march=native -shared -fPIC -std=c99 -lm into
+   it once with -O3 -march=native -ffp-contract=fast -shared -fPIC -std=c99
+   -lm into
    ~/.cache/arnn-plugins/kernels, the library's name keyed by a hash of this
    file's text, the flags and the CPU's instruction sets. Exported:
-   arnn_fwd_f32, arnn_fwd_f64, arnn_bwd_f32, arnn_bwd_f64. */
+   arnn_fwd_f32, arnn_fwd_f64, arnn_bwd_f32, arnn_bwd_f64, arnn_block. */
 
 #include <math.h>
 #include <stdlib.h>
@@ -86,189 +89,299 @@ static void tanh_n_f32(float *y, const float *x, int n)
 
 /* Gate order [o, f, i, g]; wt[d][r][k][g] = weight_hh[d, g, k, r] with
    r = 0 the upper neighbour and r = 1 the left one; the backward takes
-   wg[d][r][g][k] = weight_hh[d, g, k, r]. Strides in elements;
-   the feature dimension of gx, h and dgx is contiguous, gout's has stride
-   osf. dgx may be the acts buffer itself: each cell's activations are read
-   into registers before its gradient is written over them. */
+   wg[d][r][g][k] = weight_hh[d, g, k, r]. Strides in elements; the feature
+   dimension of gx, h and dgx is contiguous, gout's has stride osf. dgx may
+   be the acts buffer itself: each cell's activations are read before its
+   gradient is written over them.
+
+   Sequences s0 <= s < s1 go in blocks of NB consecutive batch items of one
+   direction, which advance together cell by cell: they share the weights,
+   so each weight vector loaded feeds NB multiply-adds, and NB independent
+   dependency chains keep the FMA units busy where one sequence's chain
+   (gates -> h -> next cell's gates) leaves them waiting on latency. A block
+   short of NB items repeats its last item in rows whose results are never
+   stored. The tiles read local copies of the weights padded with zeros to
+   whole vectors, so no vector load reads past a buffer.
+
+   Both functions return 0, or -1 when their scratch memory could not be
+   allocated (nothing is written then). arnn_block() tells the caller NB, so
+   that it hands threads whole blocks. */
+
+#define NB 4 /* sequences per block */
+#define VB 2 /* vectors per tile row: NB x VB accumulators fit 16 registers */
+
+typedef float vec_f32 __attribute__((vector_size(32)));
+typedef double vec_f64 __attribute__((vector_size(32)));
+
+/* The gate gradients of one cell at features k (a vector of them, V, or one):
+   read every activation before writing: z may be the activations' storage. */
+#define SLOAD(p) (*(p))
+#define SSTORE(p, v) (*(p) = (v))
+#define GATE_GRADS(T, V, LD, ST)                                                   \
+    do {                                                                           \
+        const V o = LD(a + k), f = LD(a + t + k), ig = LD(a + 2 * t + k);          \
+        const V gg = LD(a + 3 * t + k), tc = LD(tcs + k);                          \
+        const V dh = LD(gk + k) + LD(dn + k) + LD(rhq + k);                        \
+        const V dc = LD(rcq + k) + dh * o * ((T)1 - tc * tc);                      \
+        ST(z + k, dh * tc * o * ((T)1 - o));                                       \
+        ST(z + t + k, dc * LD(cl + k) * f * ((T)1 - f));                           \
+        ST(z + 2 * t + k, dc * gg * ig * ((T)1 - ig));                             \
+        ST(z + 3 * t + k, dc * ig * ((T)1 - gg * gg));                             \
+        ST(rcq + k, dc * f);                                                       \
+    } while (0)
+
+/* Keep a loaded vector in a register: left alone, the compiler folds the
+   load into every multiply-add that uses it, and the tiles then issue more
+   loads than the core can serve, not more multiply-adds. */
+#if defined(__x86_64__) && defined(__AVX__)
+#define IN_REG(v) __asm__("" : "+x"(v))
+#elif defined(__aarch64__)
+#define IN_REG(v) __asm__("" : "+w"(v))
+#else
+#define IN_REG(v) ((void)0)
+#endif
+
 #define DEFINE(T, SUF)                                                             \
-/* dw[k][g] += sum_j hs[j * hsj + k] * zs[j * zsj + g] for j < n: blocks of  */   \
-/* 2 x 32 accumulators stay in registers over the j loop.                    */   \
+static inline vec_##SUF vload_##SUF(const T *p) { vec_##SUF v; memcpy(&v, p, sizeof v); return v; } \
+static inline void vstore_##SUF(T *p, vec_##SUF v) { memcpy(p, &v, sizeof v); }  \
+                                                                                   \
+/* acc[q][v] += src[q][m] * w[v * L] for q < NB, v < VB: one rank-1 update */   \
+/* of the tile, the VB weight vectors loaded once for the NB rows.          */   \
+static inline __attribute__((always_inline)) void                                 \
+mac_row_##SUF(vec_##SUF acc[NB][VB], const T *const *src, long m, const T *w)    \
+{                                                                                  \
+    enum { L = 32 / sizeof(T) };                                                   \
+    vec_##SUF wv[VB];                                                              \
+    for (int v = 0; v < VB; ++v) {                                                 \
+        wv[v] = vload_##SUF(w + v * L);                                            \
+        IN_REG(wv[v]);                                                             \
+    }                                                                              \
+    for (int q = 0; q < NB; ++q) {                                                 \
+        const T x = src[q][m];                                                     \
+        for (int v = 0; v < VB; ++v) acc[q][v] += x * wv[v];                       \
+    }                                                                              \
+}                                                                                  \
+                                                                                   \
+/* out[q][g] = x[q][g] + sum_k hs[r][q][k] * ws[r][k * Gp + g] for r with   */   \
+/* hs[r] given, q < NB, g < Gp: the block's gate pre-activations (out[q] may */   \
+/* be x[q]).                                                                 */   \
+static inline __attribute__((always_inline)) void                                 \
+gates_tile_##SUF(T *const out[NB], const T *const x[NB], const T *const *hs[2],   \
+                 const T *const ws[2], int t, int Gp)                              \
+{                                                                                  \
+    enum { L = 32 / sizeof(T) };                                                   \
+    for (int g0 = 0; g0 < Gp; g0 += VB * L) {                                      \
+        vec_##SUF acc[NB][VB];                                                     \
+        for (int q = 0; q < NB; ++q)                                               \
+            for (int v = 0; v < VB; ++v) acc[q][v] = vload_##SUF(x[q] + g0 + v * L); \
+        for (int r = 0; r < 2; ++r) {                                              \
+            const T *const *hr = hs[r];                                            \
+            if (!hr) continue;                                                     \
+            for (int k = 0; k < t; ++k)                                            \
+                mac_row_##SUF(acc, hr, k, ws[r] + (long)k * Gp + g0);              \
+        }                                                                          \
+        for (int q = 0; q < NB; ++q)                                               \
+            for (int v = 0; v < VB; ++v) vstore_##SUF(out[q] + g0 + v * L, acc[q][v]); \
+    }                                                                              \
+}                                                                                  \
+                                                                                   \
+/* y[q][k] = sum_{g < G} z[q][g] * w[g * tp + k] for q < NB, k < tp.          */   \
+static inline __attribute__((always_inline)) void                                 \
+matvec_t_tile_##SUF(T *const y[NB], const T *const z[NB], const T *restrict w,    \
+                    int G, int tp)                                                 \
+{                                                                                  \
+    enum { L = 32 / sizeof(T) };                                                   \
+    for (int k0 = 0; k0 < tp; k0 += VB * L) {                                      \
+        vec_##SUF acc[NB][VB];                                                     \
+        for (int q = 0; q < NB; ++q)                                               \
+            for (int v = 0; v < VB; ++v) acc[q][v] = (vec_##SUF){0};               \
+        for (int g = 0; g < G; ++g) mac_row_##SUF(acc, z, g, w + (long)g * tp + k0); \
+        for (int q = 0; q < NB; ++q)                                               \
+            for (int v = 0; v < VB; ++v) vstore_##SUF(y[q] + k0 + v * L, acc[q][v]); \
+    }                                                                              \
+}                                                                                  \
+                                                                                   \
+/* dw[k][g] += sum_j hs[j * hsj + k] * zs[j * zsj + g] for j < n, k < t,     */   \
+/* g < G: tiles of NB rows by VB vectors stay in registers over the j loop;  */   \
+/* a row tile past t repeats row t - 1 and is not stored, gates past the last */  \
+/* whole tile go one at a time.                                              */   \
 static void outer_acc_##SUF(T *dw, const T *hs, long hsj, const T *zs, long zsj,  \
                             int n, int t, int G)                                  \
 {                                                                                  \
-    for (int g0 = 0; g0 < G; g0 += 32) {                                           \
-        const int gn = G - g0 < 32 ? G - g0 : 32;                                  \
-        for (int k = 0; k < t; k += 2) {                                           \
-            const int two = k + 1 < t;                                             \
-            T acc0[32] = {0}, acc1[32] = {0};                                      \
-            for (int j = 0; j < n; ++j) {                                          \
-                const T h0 = hs[j * hsj + k], h1 = two ? hs[j * hsj + k + 1] : 0; \
-                const T *restrict z = zs + j * zsj + g0;                           \
-                if (gn == 32) {                                                    \
-                    for (int g = 0; g < 32; ++g) {                                 \
-                        acc0[g] += h0 * z[g]; acc1[g] += h1 * z[g];                \
-                    }                                                              \
-                } else {                                                           \
-                    for (int g = 0; g < gn; ++g) {                                 \
-                        acc0[g] += h0 * z[g]; acc1[g] += h1 * z[g];                \
-                    }                                                              \
+    enum { L = 32 / sizeof(T) };                                                   \
+    const int Gv = G / (VB * L) * (VB * L);                                        \
+    for (int k0 = 0; k0 < t; k0 += NB) {                                           \
+        const T *hk[NB]; /* column k0 + m of hs, a tile of NB rows of dw */        \
+        for (int m = 0; m < NB; ++m) hk[m] = hs + (k0 + m < t ? k0 + m : t - 1);   \
+        for (int g0 = 0; g0 < Gv; g0 += VB * L) {                                  \
+            vec_##SUF acc[NB][VB];                                                 \
+            for (int m = 0; m < NB; ++m)                                           \
+                for (int v = 0; v < VB; ++v) acc[m][v] = (vec_##SUF){0};           \
+            for (int j = 0; j < n; ++j)                                            \
+                mac_row_##SUF(acc, hk, j * hsj, zs + j * zsj + g0);                \
+            for (int m = 0; m < NB && k0 + m < t; ++m)                             \
+                for (int v = 0; v < VB; ++v) {                                     \
+                    T *d = dw + (long)(k0 + m) * G + g0 + v * L;                   \
+                    vstore_##SUF(d, vload_##SUF(d) + acc[m][v]);                   \
                 }                                                                  \
+        }                                                                          \
+        for (int m = 0; m < NB && k0 + m < t; ++m)                                 \
+            for (int g = Gv; g < G; ++g) {                                         \
+                T acc = 0;                                                         \
+                for (int j = 0; j < n; ++j) acc += hs[j * hsj + k0 + m] * zs[j * zsj + g]; \
+                dw[(long)(k0 + m) * G + g] += acc;                                 \
             }                                                                      \
-            T *d0 = dw + (long)k * G + g0;                                         \
-            for (int g = 0; g < gn; ++g) d0[g] += acc0[g];                         \
-            if (two) for (int g = 0; g < gn; ++g) d0[G + g] += acc1[g];            \
+    }                                                                              \
+}                                                                                  \
+                                                                                   \
+int arnn_fwd_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,            \
+                   const T *wt, T *h, long hsb, long hsd, long hsi, long hsj,      \
+                   T *cbuf, T *acts, int B, int H, int W, int t, int s0, int s1)   \
+{                                                                                  \
+    enum { L = 32 / sizeof(T) };                                                   \
+    const int G = 4 * t, Gp = (G + VB * L - 1) / (VB * L) * (VB * L);              \
+    T *wp = (T *)calloc((size_t)2 * t * Gp, sizeof(T));                            \
+    T *sa = (T *)calloc((size_t)NB * Gp, sizeof(T));                               \
+    if (!wp || !sa) { free(wp); free(sa); return -1; }                             \
+    const T *const ws[2] = {wp, wp + (long)t * Gp};                                \
+    for (int s = s0, dw = -1; s < s1;) {                                           \
+        const int d = s / B, b0 = s % B;                                           \
+        const int left = s1 - s < B - b0 ? s1 - s : B - b0;                        \
+        const int nb = left < NB ? left : NB;                                      \
+        if (d != dw) { /* this direction's K_h rows, padded to Gp */               \
+            for (int rk = 0; rk < 2 * t; ++rk)                                     \
+                memcpy(wp + (long)rk * Gp, wt + ((long)d * 2 * t + rk) * G, sizeof(T) * (size_t)G); \
+            dw = d;                                                                \
         }                                                                          \
-    }                                                                              \
-}                                                                                  \
-                                                                                   \
-/* gates_block works on a block of 32 columns; called with the literal   */   \
-/* 32 (every block but a tail) its inlined loops have a constant trip     */   \
-/* count and the sums stay in registers.                                   */   \
-/* a[g] = x[g] + sum_k hu[k] wu[k * G + g] + sum_k hl[k] wl[k * G + g],     */  \
-/* g < gn; a null neighbour adds nothing.                                   */  \
-static inline __attribute__((always_inline)) void                               \
-gates_block_##SUF(T *restrict a, const T *restrict x, const T *restrict hu,      \
-                  const T *restrict wu, const T *restrict hl,                    \
-                  const T *restrict wl, int t, int G, const int gn)              \
-{                                                                                  \
-    T acc[32];                                                                     \
-    for (int g = 0; g < gn; ++g) acc[g] = x[g];                                    \
-    if (hu) for (int k = 0; k < t; ++k) {                                          \
-        const T hk = hu[k]; const T *w = wu + (long)k * G;                         \
-        for (int g = 0; g < gn; ++g) acc[g] += hk * w[g];                          \
-    }                                                                              \
-    if (hl) for (int k = 0; k < t; ++k) {                                          \
-        const T hk = hl[k]; const T *w = wl + (long)k * G;                         \
-        for (int g = 0; g < gn; ++g) acc[g] += hk * w[g];                          \
-    }                                                                              \
-    for (int g = 0; g < gn; ++g) a[g] = acc[g];                                    \
-}                                                                                  \
-static void gates_##SUF(T *restrict a, const T *restrict x, const T *restrict hu, \
-                        const T *restrict wu, const T *restrict hl,               \
-                        const T *restrict wl, int t, int G)                       \
-{                                                                                  \
-    for (int g0 = 0; g0 < G; g0 += 32) {                                           \
-        if (G - g0 >= 32)                                                          \
-            gates_block_##SUF(a + g0, x + g0, hu, wu + g0, hl, wl + g0, t, G, 32); \
-        else                                                                       \
-            gates_block_##SUF(a + g0, x + g0, hu, wu + g0, hl, wl + g0, t, G, G - g0); \
-    }                                                                              \
-}                                                                                  \
-                                                                                   \
-/* y[k] = sum_g z[g] * wg[g * t + k], with blocks of 16 sums in registers.  */  \
-static void matvec_t_##SUF(T *restrict y, const T *restrict wg,                  \
-                           const T *restrict z, int t, int G)                    \
-{                                                                                  \
-    int k0 = 0;                                                                    \
-    for (; k0 + 16 <= t; k0 += 16) {                                               \
-        T acc[16] = {0};                                                           \
-        for (int g = 0; g < G; ++g) {                                              \
-            const T zg = z[g]; const T *w = wg + (long)g * t + k0;                 \
-            for (int k = 0; k < 16; ++k) acc[k] += zg * w[k];                      \
-        }                                                                          \
-        for (int k = 0; k < 16; ++k) y[k0 + k] = acc[k];                           \
-    }                                                                              \
-    for (int k = k0; k < t; ++k) {                                                 \
-        T acc = 0;                                                                 \
-        for (int g = 0; g < G; ++g) acc += z[g] * wg[(long)g * t + k];             \
-        y[k] = acc;                                                                \
-    }                                                                              \
-}                                                                                  \
-                                                                                   \
-void arnn_fwd_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,           \
-                    const T *wt, T *h, long hsb, long hsd, long hsi, long hsj,     \
-                    T *cbuf, T *acts, int B, int H, int W, int t, int s0, int s1)  \
-{                                                                                  \
-    const int G = 4 * t;                                                           \
-    for (int s = s0; s < s1; ++s) {                                                \
-        const int d = s / B, b = s % B;                                            \
-        const T *wup = wt + (long)d * 2 * t * G, *wl = wup + (long)t * G;          \
-        T *cs = cbuf + (long)s * H * W * t;                                        \
-        T *as = acts + (long)s * H * W * G;                                        \
         for (int i = 0; i < H; ++i) {                                              \
             for (int j = 0; j < W; ++j) {                                          \
-                const T *g0 = gx + b * gsb + d * gsd + i * gsi + j * gsj;          \
-                T *restrict a = as + ((long)i * W + j) * G;                        \
-                const T *hu = i > 0 ? h + b * hsb + d * hsd + (i - 1) * hsi + j * hsj : 0; \
-                const T *hl = j > 0 ? h + b * hsb + d * hsd + i * hsi + (j - 1) * hsj : 0; \
-                const T *cl = j > 0 ? cs + ((long)i * W + j - 1) * t : 0;          \
-                gates_##SUF(a, g0, hu, wup, hl, wl, t, G);                         \
-                sig_n_##SUF(a, 3 * t);                                             \
-                tanh_n_##SUF(a + 3 * t, a + 3 * t, t);                             \
-                T *restrict c = cs + ((long)i * W + j) * t;                        \
-                T *restrict ho = h + b * hsb + d * hsd + i * hsi + j * hsj;        \
-                if (cl) for (int k = 0; k < t; ++k)                                \
-                    c[k] = a[t + k] * cl[k] + a[2 * t + k] * a[3 * t + k];         \
-                else for (int k = 0; k < t; ++k) c[k] = a[2 * t + k] * a[3 * t + k]; \
-                tanh_n_##SUF(ho, c, t);                                            \
-                for (int k = 0; k < t; ++k) ho[k] *= a[k];                         \
+                /* Whole tiles (Gp == G): read gx and write acts in place;   */   \
+                /* otherwise through the padded scratch rows.                */   \
+                const T *hu[NB], *hl[NB], *xq[NB];                                 \
+                T *oq[NB];                                                         \
+                for (int q = 0; q < NB; ++q) {                                     \
+                    const int b = b0 + (q < nb ? q : nb - 1);                      \
+                    const T *hb = h + b * hsb + d * hsd;                           \
+                    const T *x = gx + b * gsb + d * gsd + i * gsi + j * gsj;       \
+                    hu[q] = i > 0 ? hb + (i - 1) * hsi + j * hsj : hb;             \
+                    hl[q] = j > 0 ? hb + i * hsi + (j - 1) * hsj : hb;             \
+                    oq[q] = sa + (long)q * Gp;                                     \
+                    if (q < nb && Gp == G)                                         \
+                        oq[q] = acts + (((long)(d * B + b) * H + i) * W + j) * G;  \
+                    if (Gp == G) xq[q] = x;                                        \
+                    else { memcpy(oq[q], x, sizeof(T) * (size_t)G); xq[q] = oq[q]; } \
+                }                                                                  \
+                const T *const *hs[2] = {i > 0 ? hu : 0, j > 0 ? hl : 0};          \
+                gates_tile_##SUF(oq, xq, hs, ws, t, Gp);                           \
+                for (int q = 0; q < nb; ++q) {                                     \
+                    const int b = b0 + q;                                          \
+                    const long cell = ((long)(d * B + b) * H + i) * W + j;         \
+                    T *restrict a = acts + cell * G, *restrict c = cbuf + cell * t; \
+                    T *restrict ho = h + b * hsb + d * hsd + i * hsi + j * hsj;    \
+                    if (Gp != G) memcpy(a, oq[q], sizeof(T) * (size_t)G);          \
+                    sig_n_##SUF(a, 3 * t);                                         \
+                    tanh_n_##SUF(a + 3 * t, a + 3 * t, t);                         \
+                    if (j > 0) {                                                   \
+                        const T *cl = c - t;                                       \
+                        for (int k = 0; k < t; ++k)                                \
+                            c[k] = a[t + k] * cl[k] + a[2 * t + k] * a[3 * t + k]; \
+                    } else for (int k = 0; k < t; ++k) c[k] = a[2 * t + k] * a[3 * t + k]; \
+                    tanh_n_##SUF(ho, c, t);                                        \
+                    for (int k = 0; k < t; ++k) ho[k] *= a[k];                     \
+                }                                                                  \
             }                                                                      \
         }                                                                          \
+        s += nb;                                                                   \
     }                                                                              \
+    free(wp); free(sa);                                                            \
+    return 0;                                                                      \
 }                                                                                  \
                                                                                    \
-void arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,           \
-                    long osj, const T *wg, const T *h, long hsb, long hsd,         \
-                    long hsi, long hsj, const T *cbuf, const T *acts,              \
-                    T *dgx, long dsb, long dsd, long dsi, long dsj, T *dwt,        \
-                    int B, int H, int W, int t, int s0, int s1)                    \
+int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,            \
+                   long osj, const T *wg, const T *h, long hsb, long hsd,          \
+                   long hsi, long hsj, const T *cbuf, const T *acts,               \
+                   T *dgx, long dsb, long dsd, long dsi, long dsj, T *dwt,         \
+                   int B, int H, int W, int t, int s0, int s1)                     \
 {                                                                                  \
-    const int G = 4 * t;                                                           \
-    T *down = (T *)malloc(sizeof(T) * (size_t)W * t);                              \
-    T *rh = (T *)malloc(sizeof(T) * (size_t)t);                                    \
-    T *rc = (T *)malloc(sizeof(T) * (size_t)t);                                    \
-    T *tcs = (T *)malloc(sizeof(T) * (size_t)t);                                   \
-    T *restrict zl = (T *)malloc(sizeof(T) * (size_t)4 * t);                       \
-    for (int s = s0; s < s1; ++s) {                                                \
-        const int d = s / B, b = s % B;                                            \
-        const T *wgu = wg + (long)d * 2 * t * G, *wgl = wgu + (long)t * G;         \
-        T *dwup = dwt + (long)s * 2 * t * G, *dwl = dwup + (long)t * G;            \
-        const T *cs = cbuf + (long)s * H * W * t;                                  \
-        const T *as = acts + (long)s * H * W * G;                                  \
-        memset(down, 0, sizeof(T) * (size_t)W * t);                                \
-        memset(dwup, 0, sizeof(T) * (size_t)2 * t * G);                            \
-        for (int i = H - 1; i >= 0; --i) {                                         \
-            memset(rh, 0, sizeof(T) * (size_t)t);                                  \
-            memset(rc, 0, sizeof(T) * (size_t)t);                                  \
-            for (int j = W - 1; j >= 0; --j) {                                     \
-                const T *a = as + ((long)i * W + j) * G;                           \
-                const T *c = cs + ((long)i * W + j) * t;                           \
-                const T *cl = j > 0 ? c - t : 0;                                   \
-                const T *g0 = go + b * osb + d * osd + i * osi + j * osj;          \
-                T *dz = dgx + b * dsb + d * dsd + i * dsi + j * dsj;               \
-                T *dn = down + (long)j * t;                                        \
-                tanh_n_##SUF(tcs, c, t);                                           \
-                /* Into a local buffer first: dz may overlay this cell's     */   \
-                /* activations, and with no aliasing the loop vectorises.    */   \
-                for (int k = 0; k < t; ++k) {                                      \
-                    const T o = a[k], f = a[t + k], ig = a[2 * t + k],             \
-                            gg = a[3 * t + k];                                     \
-                    const T tc = tcs[k];                                           \
-                    const T dh = g0[k * osf] + dn[k] + rh[k];                      \
-                    const T dc = rc[k] + dh * o * ((T)1 - tc * tc);                \
-                    zl[k] = dh * tc * o * ((T)1 - o);                              \
-                    zl[t + k] = dc * (cl ? cl[k] : (T)0) * f * ((T)1 - f);         \
-                    zl[2 * t + k] = dc * gg * ig * ((T)1 - ig);                    \
-                    zl[3 * t + k] = dc * ig * ((T)1 - gg * gg);                    \
-                    rc[k] = dc * f;                                                \
-                }                                                                  \
-                memcpy(dz, zl, sizeof(T) * (size_t)G);                             \
-                /* Gradients for the upper and left neighbours' h; dn[j]   */     \
-                /* was consumed above and now collects row i - 1's.        */     \
-                if (i > 0) matvec_t_##SUF(dn, wgu, zl, t, G);                      \
-                else for (int k = 0; k < t; ++k) dn[k] = 0;                        \
-                if (j > 0) matvec_t_##SUF(rh, wgl, zl, t, G);                      \
-            }                                                                      \
-            /* Weight gradients of the whole row as two small GEMMs, far   */     \
-            /* cheaper than an outer product per cell.                     */     \
-            const T *hrow = h + b * hsb + d * hsd + i * hsi;                       \
-            const T *zrow = dgx + b * dsb + d * dsd + i * dsi;                     \
-            if (W > 1) outer_acc_##SUF(dwl, hrow, hsj, zrow + dsj, dsj, W - 1, t, G); \
-            if (i > 0) outer_acc_##SUF(dwup, hrow - hsi, hsj, zrow, dsj, W, t, G);  \
-        }                                                                          \
+    enum { L = 32 / sizeof(T) };                                                   \
+    const int G = 4 * t, tp = (t + VB * L - 1) / (VB * L) * (VB * L);              \
+    /* Per item: down[j] the gradient into h(i, j) from row i + 1 (then it    */   \
+    /* collects row i - 1's), rh / rc the gradients into h and c from the     */   \
+    /* right neighbour; zero stands for the cell left of column 0.            */   \
+    T *wp = (T *)calloc((size_t)2 * G * tp, sizeof(T));                            \
+    T *down = (T *)calloc((size_t)NB * W * tp, sizeof(T));                         \
+    T *rh = (T *)calloc((size_t)NB * tp, sizeof(T));                               \
+    T *rc = (T *)calloc((size_t)NB * t, sizeof(T));                                \
+    T *restrict zero = (T *)calloc((size_t)t, sizeof(T));                          \
+    T *restrict tcs = (T *)calloc((size_t)t, sizeof(T));                           \
+    T *restrict gh = (T *)calloc((size_t)t, sizeof(T));                            \
+    if (!wp || !down || !rh || !rc || !zero || !tcs || !gh) {                        \
+        free(wp); free(down); free(rh); free(rc); free(zero); free(tcs); free(gh);  \
+        return -1;                                                                 \
     }                                                                              \
-    free(down); free(rh); free(rc); free(tcs); free(zl);                           \
+    const T *wgu = wp, *wgl = wp + (long)G * tp;                                   \
+    for (int s = s0, dw = -1; s < s1;) {                                           \
+        const int d = s / B, b0 = s % B;                                           \
+        const int left = s1 - s < B - b0 ? s1 - s : B - b0;                        \
+        const int nb = left < NB ? left : NB;                                      \
+        if (d != dw) { /* this direction's K_h^T rows, padded to tp */             \
+            for (int rg = 0; rg < 2 * G; ++rg)                                     \
+                memcpy(wp + (long)rg * tp, wg + ((long)d * 2 * G + rg) * t, sizeof(T) * (size_t)t); \
+            dw = d;                                                                \
+        }                                                                          \
+        const T *zq[NB];                                                           \
+        T *dq[NB], *rq[NB];                                                        \
+        for (int q = 0; q < NB; ++q) rq[q] = rh + (long)q * tp;                    \
+        memset(down, 0, sizeof(T) * (size_t)NB * W * tp);                          \
+        memset(dwt + (long)s * 2 * t * G, 0, sizeof(T) * (size_t)nb * 2 * t * G);  \
+        for (int i = H - 1; i >= 0; --i) {                                         \
+            memset(rh, 0, sizeof(T) * (size_t)NB * tp);                            \
+            memset(rc, 0, sizeof(T) * (size_t)NB * t);                             \
+            for (int j = W - 1; j >= 0; --j) {                                     \
+                for (int q = 0; q < nb; ++q) {                                     \
+                    const int b = b0 + q;                                          \
+                    const long cell = ((long)(d * B + b) * H + i) * W + j;         \
+                    const T *a = acts + cell * G, *c = cbuf + cell * t;            \
+                    const T *g0 = go + b * osb + d * osd + i * osi + j * osj;      \
+                    const T *dn = down + ((long)q * W + j) * tp, *rhq = rq[q];     \
+                    T *rcq = rc + (long)q * t;                                     \
+                    T *z = dgx + b * dsb + d * dsd + i * dsi + j * dsj;            \
+                    zq[q] = z;                                                     \
+                    const T *gk = g0, *cl = j > 0 ? c - t : zero;                  \
+                    if (osf != 1) { for (int k = 0; k < t; ++k) gh[k] = g0[k * osf]; gk = gh; } \
+                    tanh_n_##SUF(tcs, c, t);                                       \
+                    if (t % L == 0)                                                \
+                        for (int k = 0; k < t; k += L)                             \
+                            GATE_GRADS(T, vec_##SUF, vload_##SUF, vstore_##SUF);   \
+                    else for (int k = 0; k < t; ++k) GATE_GRADS(T, T, SLOAD, SSTORE); \
+                }                                                                  \
+                /* Gradients for the upper and left neighbours' h; down[j]  */    \
+                /* was consumed above and now collects row i - 1's.         */    \
+                for (int q = 0; q < NB; ++q) {                                     \
+                    dq[q] = down + ((long)q * W + j) * tp;                         \
+                    if (q >= nb) zq[q] = zq[nb - 1];                               \
+                }                                                                  \
+                if (i > 0) matvec_t_tile_##SUF(dq, zq, wgu, G, tp);                \
+                if (j > 0) matvec_t_tile_##SUF(rq, zq, wgl, G, tp);                \
+            }                                                                      \
+            /* Weight gradients of the whole row as two small GEMMs, far    */    \
+            /* cheaper than an outer product per cell.                      */    \
+            for (int q = 0; q < nb; ++q) {                                         \
+                const int b = b0 + q;                                              \
+                T *dwup = dwt + (long)(s + q) * 2 * t * G, *dwl = dwup + (long)t * G; \
+                const T *hrow = h + b * hsb + d * hsd + i * hsi;                   \
+                const T *zrow = dgx + b * dsb + d * dsd + i * dsi;                 \
+                if (W > 1) outer_acc_##SUF(dwl, hrow, hsj, zrow + dsj, dsj, W - 1, t, G); \
+                if (i > 0) outer_acc_##SUF(dwup, hrow - hsi, hsj, zrow, dsj, W, t, G); \
+            }                                                                      \
+        }                                                                          \
+        s += nb;                                                                   \
+    }                                                                              \
+    free(wp); free(down); free(rh); free(rc); free(zero); free(tcs); free(gh);      \
+    return 0;                                                                      \
 }
 
 DEFINE(float, f32)
 DEFINE(double, f64)
+
+int arnn_block(void) { return NB; }
