@@ -184,12 +184,13 @@ def test_demo_trains_both_kinds_per_seed_prints_spreads_writes_files(tmp_path, c
     wd = tmp_path / "wd"
     threads = torch.get_num_threads()
     res = run_pan_demo(out=str(out), work_dir=str(wd), progress=False, show_items=2, seeds=(0, 1), jobs=1,
-                       size=32, n_train=32, n_test=16, iters=2, batch=8)
+                       outline_steps=2, size=32, n_train=32, n_test=16, iters=2, batch=8)
     assert torch.get_num_threads() == threads  # the runs' thread setting does not leak out
     text = capsys.readouterr().out
     assert "accuracy" in text and "mask corr." in text and "s/step" in text and "seeds [0, 1]" in text
     # Every figure with its spread over seeds; one per-layer correctness per attention layer (32 px: 4 maps).
-    rows = [line for line in text.splitlines() if line.startswith(("ctx ", "arnn "))]
+    pan_part = text.split("PAN on", 1)[1]
+    rows = [line for line in pan_part.splitlines() if line.startswith(("ctx ", "arnn "))]
     assert len(rows) == 2 and all(row.count(" / ") == 3 and row.count("±") == 3 + 4 for row in rows)
     assert "with 2-3 digits" in text and "query a colour, answer the digit" in text
     assert re.search(r"^blind\s+\d+\.\d%\s+0\.\d{3}\s", text, re.M)
@@ -217,6 +218,11 @@ def test_demo_trains_both_kinds_per_seed_prints_spreads_writes_files(tmp_path, c
                         str(wd / "arnn_s0" / "config.py"), str(wd / "arnn_s0" / "iter_2.pth")]
     assert main(["show", *show[:4], "--out", str(tmp_path / "again.png"), "--num", "2"]) == 0
     assert str(wd / "curves.json") in text
+    # The outline-fill part: its table with spreads, per-seed comparison and picture.
+    outline_part = text.split("Outline fill", 1)[1].split("PAN on", 1)[0]
+    assert re.search(r"^arnn\s+\d\.\d{3} ± \d\.\d{3}", outline_part, re.M) and "IoU higher in" in outline_part
+    assert Image.open(tmp_path / "demo_outline.png").size[0] > 4 * 24
+    assert len(final["outline"]["runs"]) == 4
 
 
 def test_a_demo_run_sets_its_own_threads(tmp_path):

@@ -35,12 +35,15 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..data import MultiDigitDataset, query_blind_accuracy, uniform_mask_correctness
-from .pictures import mask_panel_png, pan_masks
+from .outline import OUTLINE_KINDS, format_outline_table, outline_run
+from .pictures import mask_grid_png, mask_panel_png, pan_masks
 from .recipes import DEMO_SCALES, DEMO_TASK, KIND_NAMES, pan_config, run_pan
 
-__all__ = ["run_pan_demo", "DEMO_SEEDS"]
+__all__ = ["run_pan_demo", "DEMO_SEEDS", "OUTLINE_STEPS"]
 
 DEMO_SEEDS = (0, 1, 2)
+# Training steps of the outline-fill task per model (default, --quick).
+OUTLINE_STEPS = {"default": 600, "quick": 200}
 
 
 def _train(cfg_dict: dict, threads: int, device: Optional[str]) -> dict:
@@ -71,7 +74,7 @@ def _pm(values: Sequence[float], pct: bool = False, digits: int = 3) -> str:
 def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str = "work_dirs/demo",
                  device: Optional[str] = None, progress: bool = True, show_items: int = 6,
                  seeds: Sequence[int] = DEMO_SEEDS, jobs: int = 2, threads: int = 1, task: str = DEMO_TASK,
-                 **changes) -> Dict[str, Dict[str, float]]:
+                 outline_steps: Optional[int] = None, **changes) -> Dict[str, Dict[str, float]]:
     """Train PAN with ``ctx`` and with ``arnn`` on small MBG for each seed; print the table, write the files.
 
     Args:
@@ -87,6 +90,10 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
             count sums in another order and the figures move).
         task: ``"digit"`` (MBG^inv: query a colour, answer the digit) or
             ``"color"`` (query a digit, answer its colour).
+        outline_steps: steps of the outline-fill task per model and seed
+            (:mod:`~arnn_plugins.experiments.outline`, trained first; its
+            masks go to ``<out>_outline.png``); default
+            :data:`OUTLINE_STEPS`, 0 leaves it out.
         **changes: replace fields of the :data:`DEMO_SCALES` entry
             (``n_train=``, ``iters=``, ...).
 
@@ -131,26 +138,50 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
         d = dict(plan[0][1][key]["dataset"])
         d.pop("type")
         MultiDigitTensors(**d)
+    if outline_steps is None:
+        outline_steps = OUTLINE_STEPS["quick" if quick else "default"]
+    # Every run is one call, in the order the pool takes them: the longest (PAN+ARNN) first.
+    calls = [(("pan", kind, seed), _train, (cfg.to_dict(), threads, device))
+             for (kind, seed), cfg in sorted(plan, key=lambda p: p[0][0] != "arnn")]
+    if outline_steps:
+        calls += [(("outline", kind, seed), outline_run, (kind, seed, outline_steps, 24, threads))
+                  for seed in seeds for kind in OUTLINE_KINDS]
     done: Dict[tuple, dict] = {}
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(plan), desc=f"demo: {len(sc.kinds)} kinds x {len(seeds)} seeds", unit="run",
+    with tqdm(total=len(calls), desc=f"demo: {len(calls)} runs ({len(seeds)} seeds)", unit="run",
               disable=not progress) as bar:
         if jobs <= 1:
             before = torch.get_num_threads()
             try:
-                for key, cfg in plan:
-                    done[key] = _train(cfg.to_dict(), threads, device)
+                for key, fn, args in calls:
+                    done[key] = fn(*args)
                     bar.update()
             finally:
                 torch.set_num_threads(before)
         else:
             with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(_train, cfg.to_dict(), threads, device): key for key, cfg in plan}
+                futures = {pool.submit(fn, *args): key for key, fn, args in calls}
                 for fut in cf.as_completed(futures):
                     done[futures[fut]] = fut.result()
                     bar.update()
     wall = time.perf_counter() - t0
+    outline_raw = {key[1:]: v for key, v in done.items() if key[0] == "outline"}
+    outline = {kind: {"per_seed": {seed: outline_raw[(kind, seed)]["metrics"] for seed in seeds}}
+               for kind in OUTLINE_KINDS} if outline_steps else {}
+    done = {key[1:]: v for key, v in done.items() if key[0] == "pan"}
+    stem, ext = osp.splitext(out)
+    outline_png = f"{stem}_outline{ext or '.png'}"
+    if outline:
+        print()
+        print(f"Outline fill (24 px rectangle outlines in noise; the target is their interiors, which only the "
+              f"raster-scan past tells apart), {outline_steps} steps per model, seeds {list(seeds)}: "
+              "mean ± sample std")
+        print(format_outline_table(outline, seeds))
+        a, c = outline["arnn"]["per_seed"], outline["local"]["per_seed"]
+        print(f"per seed, ARNN against local 3x3 attention: IoU higher in "
+              f"{sum(a[s]['iou'] > c[s]['iou'] for s in seeds)}/{len(seeds)} seeds, mask correctness higher in "
+              f"{sum(a[s]['correctness'] > c[s]['correctness'] for s in seeds)}/{len(seeds)}")
 
     results: Dict[str, Dict[str, float]] = {}
     for kind in sc.kinds:
@@ -196,9 +227,11 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
                                f"{100 * c[s]['accuracy']:.1f}% / {c[s]['correctness']:.3f}" for s in seeds)
         print(f"  (ARNN vs CTX, accuracy / correctness) {seed_lines}")
     if quick:
-        print(f"--quick trains {sc.iters} steps: too few for the kinds to separate (their masks are still close to "
-              "uniform); the demo without --quick is the comparison, and curves.json shows where they part.")
-
+        print(f"--quick trains PAN {sc.iters} steps: too few for either kind to leave the query-blind plateau "
+              "(masks still near uniform), so its PAN rows do not compare the kinds; the demo without --quick "
+              "(1000 steps) does, and curves.json shows when each run leaves the plateau."
+              + (f" The outline-fill rows ({outline_steps} steps) are the part of --quick that shows the point."
+                 if outline else ""))
     # Files: the curves, the final figures, the picture.
     curves = {"scale": dataclasses.asdict(sc), "task": task, "interval": interval, "threads": threads,
               "runs": [{"kind": kind, "seed": seed, "points": done[(kind, seed)]["curve"]}
@@ -209,7 +242,10 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
     with open(osp.join(work_dir, "results.json"), "w") as f:
         json.dump({"scale": dataclasses.asdict(sc), "task": task, "seeds": list(seeds), "threads": threads, "wall_s": wall,
                    "blind_accuracy": blind, "uniform_correctness": uniform,
-                   "runs": [{"kind": k, "seed": s, **done[(k, s)]["metrics"]} for s in seeds for k in sc.kinds]},
+                   "runs": [{"kind": k, "seed": s, **done[(k, s)]["metrics"]} for s in seeds for k in sc.kinds],
+                   "outline": {"steps": outline_steps,
+                               "runs": [{"kind": k, "seed": s, **outline[k]["per_seed"][s]}
+                                        for s in seeds for k in outline]}},
                   f, indent=1)
     test = MultiDigitTensors(**{k: v for k, v in plan[0][1]["test_dataloader"]["dataset"].items() if k != "type"})
     sel = list(range(min(show_items, len(test))))
@@ -229,10 +265,14 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
         panels[KIND_NAMES.get(kind, kind.upper())] = pan_masks(model, images, queries)
         show += [cfg_path, ckpt]
     mask_panel_png(out, images, queries, answers, panels, task=task, target_masks=masks)
+    if outline:
+        o = {kind: outline_raw[(kind, seeds[0])] for kind in OUTLINE_KINDS}
+        mask_grid_png(outline_png, o["arnn"]["images"], {"target": o["arnn"]["targets"], "local 3x3": o["local"]["probs"],
+                                                         "ARNN": o["arnn"]["probs"]})
     print(f"\nwall time {wall / 60:.1f} min ({jobs} run(s) at once)")
     print(f"runs (config.py and the last checkpoint each): {osp.join(work_dir, '<kind>_s<seed>')}")
     print(f"curves along training: {curves_path}; final figures: {osp.join(work_dir, 'results.json')}")
-    print(f"masks of seed {seeds[0]}'s models: {out}")
+    print(f"masks of seed {seeds[0]}'s models: {out}" + (f" (PAN), {outline_png} (outline fill)" if outline else ""))
     print("redraw them (or more items, --num 12):\n  arnn-plugins show " + " ".join(shlex.quote(p) for p in show)
           + f" --out {shlex.quote(out)}")
     return results
