@@ -205,7 +205,7 @@ class PANCurveHook(Hook):
     Each point is :func:`curve_point` on the first ``num_items`` items of
     the run's test set (the probe batch for the gradients is its first 64),
     with ``step`` (iterations done) and ``loss`` (mean training loss since
-    the previous point). Points are kept in :attr:`points` and, with
+    the previous point; ``None`` at step 0). Points are kept in :attr:`points` and, with
     ``out_file`` (relative to the work dir), written there as JSON after
     every point.
     """
@@ -238,7 +238,7 @@ class PANCurveHook(Hook):
     def _record(self, runner, step: int) -> None:
         model = runner.model.module if hasattr(runner.model, "module") else runner.model
         point = {"step": int(step),
-                 "loss": sum(self._losses) / len(self._losses) if self._losses else float("nan")}
+                 "loss": sum(self._losses) / len(self._losses) if self._losses else None}
         point.update(curve_point(model.pan, self._batches, self._batches[0]))
         self._losses = []
         self.points.append(point)

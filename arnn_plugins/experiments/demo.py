@@ -37,7 +37,7 @@ import torch
 from ..data import MultiDigitDataset, query_blind_accuracy, uniform_mask_correctness
 from .outline import OUTLINE_KINDS, format_outline_table, outline_run
 from .pictures import mask_grid_png, mask_panel_png, pan_masks
-from .recipes import DEMO_SCALES, DEMO_TASK, KIND_NAMES, pan_config, run_pan
+from .recipes import DEMO_SCALES, DEMO_TASK, KIND_NAMES, curve_points, pan_config, run_pan
 
 __all__ = ["run_pan_demo", "DEMO_SEEDS", "OUTLINE_STEPS"]
 
@@ -55,8 +55,7 @@ def _train(cfg_dict: dict, threads: int, device: Optional[str]) -> dict:
     warnings.filterwarnings("ignore", message="Multi-processing start method")
     torch.set_num_threads(threads)
     metrics, runner = run_pan(Config(cfg_dict), device=device)
-    hook = next((h for h in runner.hooks if type(h).__name__ == "PANCurveHook"), None)
-    return {"metrics": metrics, "curve": hook.points if hook else []}
+    return {"metrics": metrics, "curve": curve_points(runner)}
 
 
 def _mean_sd(values: Sequence[float]):

@@ -28,7 +28,7 @@ import os.path as osp
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .recipes import DEMO_SCALES, pan_config, run_pan
+from .recipes import DEMO_SCALES, curve_points, pan_config, run_pan
 
 __all__ = ["run_study", "format_curve", "main"]
 
@@ -42,8 +42,7 @@ def _job(cfg_dict: dict, threads: int) -> dict:
     warnings.filterwarnings("ignore", message="Multi-processing start method")
     torch.set_num_threads(threads)
     metrics, runner = run_pan(Config(cfg_dict), device="cpu")
-    hook = next(h for h in runner.hooks if type(h).__name__ == "PANCurveHook")
-    return {"metrics": metrics, "curve": hook.points}
+    return {"metrics": metrics, "curve": curve_points(runner)}
 
 
 def format_curve(curve: Sequence[dict]) -> str:
@@ -55,7 +54,8 @@ def format_curve(curve: Sequence[dict]) -> str:
             return "/".join(f"{x:.2f}" for x in v)
 
         g = p["grad_norm"]
-        lines.append(f"{p['step']:>5} {p['loss']:>6.3f} {100 * p['accuracy']:>5.1f}% "
+        loss = float("nan") if p["loss"] is None else p["loss"]
+        lines.append(f"{p['step']:>5} {loss:>6.3f} {100 * p['accuracy']:>5.1f}% "
                      f"{100 * p['accuracy_uniform_masks']:>5.1f}% {p['correctness']:>6.3f}  "
                      f"{fmt(p['layer_correctness']):<24} {fmt(p['layer_entropy']):<24} {fmt(p['layer_mean']):<24} "
                      f"{g['attention']:.1e}/{g['backbone']:.1e}/{g['head']:.1e}")

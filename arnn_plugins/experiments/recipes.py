@@ -26,6 +26,7 @@ __all__ = [
     "PAPER",
     "pan_config",
     "run_pan",
+    "curve_points",
 ]
 
 TABLE1_KINDS = ("san", "noctx", "ctx", "arnn", "arnn_ind", "arnn_sample")
@@ -206,3 +207,11 @@ def run_pan(cfg, device: Optional[str] = None, amp: bool = False):
     metrics["train_s"] = train_s
     metrics["iters"] = runner.iter
     return metrics, runner
+
+
+def curve_points(runner) -> list:
+    """The points a run's :class:`~arnn_plugins.engine.pan.PANCurveHook` recorded (empty without one)."""
+    from ..engine.pan import PANCurveHook
+
+    hook = next((h for h in runner.hooks if isinstance(h, PANCurveHook)), None)
+    return list(hook.points) if hook else []
