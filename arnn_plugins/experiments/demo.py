@@ -228,7 +228,7 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
     if quick:
         print(f"--quick trains PAN {sc.iters} steps: too few for either kind to leave the query-blind plateau "
               "(masks still near uniform), so its PAN rows do not compare the kinds; the demo without --quick "
-              "(1000 steps) does, and curves.json shows when each run leaves the plateau."
+              f"({DEMO_SCALES['default'].iters} steps) does, and curves.json shows when each run leaves the plateau."
               + (f" The outline-fill rows ({outline_steps} steps) are the part of --quick that shows the point."
                  if outline else ""))
     # Files: the curves, the final figures, the picture.
