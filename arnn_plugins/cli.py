@@ -58,15 +58,19 @@ def _set_threads(n) -> None:
 def _cmd_demo(args) -> int:
     check_device(args.device)
     _set_threads(args.threads)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.outline:
         from .experiments.outline import run_outline_demo
 
-        run_outline_demo(out=args.out, seconds=args.seconds)
+        run_outline_demo(out=args.out, seconds=float("inf") if args.seconds is None else args.seconds,
+                         steps=args.steps, seeds=args.seeds)
         return 0
     from .experiments.demo import run_pan_demo
 
     run_pan_demo(quick=args.quick, out=args.out, work_dir=args.work_dir, device=args.device,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, seeds=args.seeds, jobs=args.jobs, threads=args.threads,
+                 task=args.task)
     return 0
 
 
@@ -318,9 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir", default="work_dirs/demo", help="checkpoints and logs")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
-    s.add_argument("--outline", action="store_true", help="the older outline-fill mask task instead")
-    s.add_argument("--seconds", type=float, default=30.0, help="(--outline) training time per model")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (default 1, the setting the docs' figures are for: each run's "
+                        "figures depend on its seed and on this, not on --jobs or the machine's load)")
+    s.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each (default 2)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (default 0 1 2)")
+    s.add_argument("--task", default="digit", choices=["digit", "color"],
+                   help="digit (default): MBG^inv, query a colour, answer the digit; color: query a digit, "
+                        "answer its colour (needs far longer training than the demo's)")
+    s.add_argument("--outline", action="store_true", help="the outline-fill mask task instead")
+    s.add_argument("--steps", type=int, default=600, help="(--outline) training steps per model")
+    s.add_argument("--seconds", type=float, default=None,
+                   help="(--outline) also stop after this many seconds per model (figures then depend on speed)")
     s.set_defaults(fn=_cmd_demo)
 
     def runner_args(s, work_dir=True):

@@ -79,6 +79,21 @@ def test_training_lowers_the_loss_on_the_outline_task():
     assert after["bce"] < 0.9 * before["bce"]
 
 
+def test_outline_runs_are_a_function_of_their_seed():
+    from arnn_plugins.experiments.outline import format_outline_table
+
+    x, y = outline_task(16, size=12, seed=0)
+    a = [train_mask_model(k, (x, y, x, y), max_steps=4, batch=4, seed=s)[1] for k in ("local", "arnn") for s in (0, 1)]
+    b = [train_mask_model(k, (x, y, x, y), max_steps=4, batch=4, seed=s)[1] for k in ("local", "arnn") for s in (0, 1)]
+    drop = lambda r: {k: v for k, v in r.items() if k != "ms_per_step"}  # noqa: E731
+    assert [drop(r) for r in a] == [drop(r) for r in b]
+    assert a[0]["bce"] != a[1]["bce"]  # another seed, another model
+    assert all(r["steps"] == 4 and 0 <= r["correctness"] <= 1 for r in a)
+    table = format_outline_table({"local": {"per_seed": {0: a[0], 1: a[1]}}, "arnn": {"per_seed": {0: a[2], 1: a[3]}}},
+                                 (0, 1))
+    assert table.count("±") == 2 * 4 and "uniform" in table
+
+
 def test_naive_peer_uses_the_same_kernel_taps():
     # Row 0 has no padding cells to its left, so the naive peer (which does
     # not mask padding) must agree with the reference there exactly.

@@ -119,6 +119,7 @@ def test_build_model_loads_the_checkpoint_in_eval_mode(trained):
     (["reproduce", "--scale", "tiny", "--device", "tpu"], "--device must be cpu or cuda"),
     (["train", TINY, "--device", "cpu", "--amp"], "--amp needs a CUDA device"),
     (["demo", "--quick", "--threads", "0"], "--threads must be >= 1"),
+    (["demo", "--quick", "--jobs", "0"], "--jobs must be >= 1"),
     (["train", TINY, "--cfg-options", "model.hiden_channels=3"], "did you mean 'hidden_channels'?"),
     (["train", TINY, "--cfg-options", "train_cfg.max_iter=3"], "did you mean 'max_iters'?"),
     (["train", TINY, "--cfg-options", "train_cfg.max_iters=-1"], "train_cfg.max_iters must be an int >= 1"),
@@ -176,33 +177,77 @@ def test_reproduce_tiny_writes_tables_and_json(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
-def test_demo_trains_both_kinds_prints_table_writes_png(tmp_path, capsys):
+def test_demo_trains_both_kinds_per_seed_prints_spreads_writes_files(tmp_path, capsys):
     from arnn_plugins.experiments.demo import run_pan_demo
 
     out = tmp_path / "demo.png"
-    res = run_pan_demo(out=str(out), work_dir=str(tmp_path / "wd"), progress=False, show_items=2,
-                       size=32, n_train=32, n_test=16, iters=2, batch=8)
+    wd = tmp_path / "wd"
+    threads = torch.get_num_threads()
+    res = run_pan_demo(out=str(out), work_dir=str(wd), progress=False, show_items=2, seeds=(0, 1), jobs=1,
+                       outline_steps=2, size=32, n_train=32, n_test=16, iters=2, batch=8)
+    assert torch.get_num_threads() == threads  # the runs' thread setting does not leak out
     text = capsys.readouterr().out
-    assert "accuracy" in text and "mask corr." in text and "s/step" in text
-    # One per-layer correctness per attention layer (32 px: 16, 8, 4, 2 px maps), on each model's row.
-    rows = [line for line in text.splitlines() if line.startswith(("ctx ", "arnn "))]
-    assert len(rows) == 2 and all(row.count(" / ") == 3 for row in rows)
-    assert "with 2-3 digits" in text  # the small reproduction's layout
-    # The blind line carries the query-blind accuracy and the uniform-mask correctness.
+    assert "accuracy" in text and "mask corr." in text and "s/step" in text and "seeds [0, 1]" in text
+    # Every figure with its spread over seeds; one per-layer correctness per attention layer (32 px: 4 maps).
+    pan_part = text.split("PAN on", 1)[1]
+    rows = [line for line in pan_part.splitlines() if line.startswith(("ctx ", "arnn "))]
+    assert len(rows) == 2 and all(row.count(" / ") == 3 and row.count("±") == 3 + 4 for row in rows)
+    assert "with 2-3 digits" in text and "query a colour, answer the digit" in text
     assert re.search(r"^blind\s+\d+\.\d%\s+0\.\d{3}\s", text, re.M)
+    assert re.search(r"mask correctness higher in \d/2 seeds, accuracy higher in \d/2", text)
     assert set(res) == {"ctx", "arnn"} and all(r["sec_per_step"] > 0 for r in res.values())
+    assert set(res["arnn"]["per_seed"]) == {0, 1} and "accuracy_sd" in res["arnn"]
     assert Image.open(out).size[0] > 32 * 2 * 9  # input + (4 layers + product) x 2 models
-    assert (tmp_path / "wd" / "arnn" / "iter_2.pth").is_file()
+    for kind in ("ctx", "arnn"):
+        for seed in (0, 1):
+            assert (wd / f"{kind}_s{seed}" / "iter_2.pth").is_file() and (wd / f"{kind}_s{seed}" / "config.py").is_file()
+    # The curves along training, per kind and seed: step 0, then every interval, the last step included.
+    curves = json.loads((wd / "curves.json").read_text())
+    assert curves["task"] == "digit" and curves["interval"] == 1
+    assert sorted((r["kind"], r["seed"]) for r in curves["runs"]) == [("arnn", 0), ("arnn", 1), ("ctx", 0), ("ctx", 1)]
+    for run in curves["runs"]:
+        assert [p["step"] for p in run["points"]] == [0, 1, 2]
+        p = run["points"][-1]
+        assert len(p["layer_correctness"]) == len(p["layer_entropy"]) == 4 and 0 <= p["accuracy"] <= 1
+        assert set(p["grad_norm"]) == {"attention", "backbone", "head"}
+    final = json.loads((wd / "results.json").read_text())
+    assert len(final["runs"]) == 4 and final["seeds"] == [0, 1]
+    # The files and the command that redraws the masks.
+    show = text.split("arnn-plugins show ", 1)[1].splitlines()[0].split()
+    assert show[:4] == [str(wd / "ctx_s0" / "config.py"), str(wd / "ctx_s0" / "iter_2.pth"),
+                        str(wd / "arnn_s0" / "config.py"), str(wd / "arnn_s0" / "iter_2.pth")]
+    assert main(["show", *show[:4], "--out", str(tmp_path / "again.png"), "--num", "2"]) == 0
+    assert str(wd / "curves.json") in text
+    # The outline-fill part: its table with spreads, per-seed comparison and picture.
+    outline_part = text.split("Outline fill", 1)[1].split("PAN on", 1)[0]
+    assert re.search(r"^arnn\s+\d\.\d{3} ± \d\.\d{3}", outline_part, re.M) and "IoU higher in" in outline_part
+    assert Image.open(tmp_path / "demo_outline.png").size[0] > 4 * 24
+    assert len(final["outline"]["runs"]) == 4
 
 
-def test_demo_command_options():
-    from arnn_plugins.cli import build_parser
+def test_a_demo_run_sets_its_own_threads(tmp_path):
+    """A run's figures do not depend on the caller's thread count (the run sets its own)."""
+    import dataclasses
 
-    args = build_parser().parse_args(["demo", "--quick"])
-    assert args.quick and args.out == "arnn_demo.png" and args.fn.__name__ == "_cmd_demo"
-    assert args.threads == 1
-    assert build_parser().parse_args(["reproduce", "--tiny"]).scale == "tiny"
-    assert build_parser().parse_args(["reproduce", "--scale", "long"]).scale == "long"
+    from arnn_plugins.experiments.demo import _train
+    from arnn_plugins.experiments.recipes import DEMO_SCALES, pan_config
+
+    sc = dataclasses.replace(DEMO_SCALES["quick"], size=32, n_train=32, n_test=16, iters=3, batch=8)
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            cfg = pan_config("arnn", sc, task="digit", seed=0, work_dir=str(tmp_path / str(caller)),
+                             cache_dir=None, progress=False, checkpoint=False, curve_interval=1, curve_items=16)
+            got.append(_train(cfg.to_dict(), 1, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert [p["loss"] for p in got[0]["curve"][1:]] == [p["loss"] for p in got[1]["curve"][1:]]
+    a, b = got[0]["metrics"], got[1]["metrics"]
+    timing = ("sec_per_step", "train_s")
+    same = lambda m: json.dumps({k: v for k, v in m.items() if k not in timing}, sort_keys=True)  # noqa: E731
+    assert same(a) == same(b)  # bit for bit (NaN buckets included)
 
 
 def test_pan_metric_buckets_and_model_modes():

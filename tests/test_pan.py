@@ -228,3 +228,54 @@ def test_train_pan_fits_a_small_set():
     assert len(history) == 20 and history[-1] < 0.75 * history[0]
     with pytest.raises(ValueError, match="train_pan: epochs"):
         train_pan(model, [], epochs=0)
+
+
+@pytest.mark.parametrize("kind", ["ctx", "arnn"])
+def test_softmax_readout_attends_with_the_last_layer_and_can_hide_the_query(kind):
+    torch.manual_seed(0)
+    model = PAN(kind, image_size=SIZE, readout="softmax", head_query=False).eval()
+    x, q = _batch()
+    seen = {}
+    model.head.register_forward_hook(lambda mod, args, out: seen.update(inp=args[0]))
+    logits, masks = model(x, q)
+    # The last mask is a distribution over its map; the earlier ones are sigmoid gates.
+    torch.testing.assert_close(masks[-1].sum(dim=(1, 2, 3)), torch.ones(3))
+    assert model.head[0].in_features == 32  # the attended vector alone, no query
+    h = x
+    for i, stack in enumerate(model.stacks):
+        h = stack(h)
+        if i < len(model.stacks) - 1:
+            h = h * masks[i]
+    torch.testing.assert_close(seen["inp"], (h * masks[-1]).sum(dim=(2, 3)))
+    # Without the query in the head, the answer changes with the query only through the masks.
+    from arnn_plugins.engine.pan import _UniformMasks
+
+    with _UniformMasks(model):
+        a, _ = model(x, q)
+        b, _ = model(x, (q + 1) % 10)
+    torch.testing.assert_close(a, b)
+
+
+def test_curve_point_measures_masks_answers_and_gradients():
+    from arnn_plugins.engine.pan import curve_point, mask_entropy
+
+    torch.testing.assert_close(mask_entropy(torch.full((2, 1, 4, 4), 0.3)), torch.ones(2))
+    peaked = torch.zeros(1, 1, 4, 4)
+    peaked[0, 0, 1, 2] = 1.0
+    assert mask_entropy(peaked).item() == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    model = PAN("ctx", image_size=SIZE).train()
+    x, q = _batch(4)
+    target = torch.zeros(4, SIZE, SIZE, dtype=torch.bool)
+    target[:, :8, :8] = True
+    batch = {"image": x, "query": q, "answer": torch.tensor([0, 1, 2, 3]), "mask": target}
+    p = curve_point(model, [batch], batch)
+    assert model.training and all(w.grad is None for w in model.parameters())
+    assert len(p["layer_correctness"]) == len(p["layer_entropy"]) == len(p["layer_mean"]) == 4
+    assert all(0 < e <= 1 for e in p["layer_entropy"])
+    assert all(v > 0 for v in p["grad_norm"].values())
+    logits, masks = model.eval()(x, q)
+    assert p["accuracy"] == (logits.argmax(1) == batch["answer"]).float().mean().item()
+    assert p["correctness"] == pytest.approx(mask_correctness(masks, target).mean().item(), rel=1e-5)
+    # The constant masks of the uniform-mask accuracy are gone afterwards.
+    assert all(len(m._forward_hooks) == 0 for m in model.attention.values())

@@ -6,8 +6,11 @@
 ``reproduce``   :func:`reproduce` (paper Tables 1, 2, the inverse task),
                 :func:`format_tables` (the query-blind and uniform-mask levels
                 they print are :mod:`arnn_plugins.data`'s)
-``demo``        the main job, ``arnn-plugins demo``
-``outline``     the outline-fill task, ``arnn-plugins demo --outline``
+``demo``        the main job, ``arnn-plugins demo`` (outline fill and PAN on
+                MBG^inv, three seeds)
+``outline``     the outline-fill task (also ``arnn-plugins demo --outline``)
+``pan_study``   PAN's attention measured along training for any setting,
+                ``python -m arnn_plugins.experiments.pan_study``
 ``pictures``    mask pictures (``arnn-plugins show``, the demo's PNG)
 ``plots``       training curves, what ``a[i, j]`` depends on (``arnn-plugins plot``)
 ``bench``       speed and memory tables, ``arnn-plugins bench``

@@ -27,7 +27,7 @@ from dataclasses import asdict, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..checks import check_int
-from .recipes import KIND_NAMES, PAPER, SCALES, Scale, pan_config, run_pan
+from .recipes import KIND_NAMES, PAPER, SCALES, Scale, curve_points, pan_config, run_pan
 
 __all__ = ["reproduce", "format_tables"]
 
@@ -167,7 +167,12 @@ def _run_job(cfg_dict: dict, device: Optional[str], threads: int) -> dict:
     # mmengine switches a spawned worker's start method to fork and says so.
     warnings.filterwarnings("ignore", message="Multi-processing start method")
     torch.set_num_threads(threads)
-    return run_pan(Config(cfg_dict), device=device)[0]
+    return _with_curve(*run_pan(Config(cfg_dict), device=device))
+
+
+def _with_curve(metrics: dict, runner) -> dict:
+    # The run's attention measured along training (PANCurveHook) travels with its metrics.
+    return dict(metrics, curve=curve_points(runner))
 
 
 # Fields that do not change what a run is: the free-text note, and those that choose which runs make up the tables.
@@ -234,6 +239,7 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
             kind, sc, variant=variant, task=task, seed=1000 + seed, data_seed=seed,
             work_dir=osp.join(out, "runs", f"{group}_{variant}_{kind}_s{seed}"),
             cache_dir=cache_dir, progress=progress and jobs == 1, desc=tag, checkpoint=False,
+            curve_interval=max(1, sc.iters // 10),
         )
         configs.append((tag, (group, variant, kind, seed), cfg))
 
@@ -248,7 +254,7 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
 
     if jobs == 1:
         for tag, key, cfg in configs:
-            record(tag, key, run_pan(cfg, device=device)[0])
+            record(tag, key, _with_curve(*run_pan(cfg, device=device)))
     else:
         import concurrent.futures as cf
         import multiprocessing as mp

@@ -137,8 +137,14 @@ class PAN(nn.Module):
         readout: how the head reads the last feature map: ``"flatten"``
             (all positions, position-specific weights) or ``"pool"`` (the
             average of the last map weighted by the last mask, as PAN's
-            attended feature; the plain average for ``none``). ``san``
-            always uses its attended vector.
+            attended feature; the plain average for ``none``) or
+            ``"softmax"`` (PAN's last layer: the last attention values
+            are a softmax over space instead of a sigmoid, and the head
+            reads the attended vector they weight; the plain average for
+            ``none``). ``san`` always uses its attended vector.
+        head_query: append the one-hot query to the head's input. Without
+            it (PAN's classifier) the query reaches the answer only through
+            the masks.
         backend: ARNN recurrence backend.
         arnn_kwargs: more options for the ARNN layers.
 
@@ -163,6 +169,7 @@ class PAN(nn.Module):
         block_size: int = 2,
         head_hidden: int = 64,
         readout: str = "flatten",
+        head_query: bool = True,
         backend: str = "auto",
         arnn_kwargs: Optional[Dict] = None,
     ) -> None:
@@ -171,7 +178,7 @@ class PAN(nn.Module):
         for name, v in (("num_classes", num_classes), ("num_queries", num_queries), ("num_stacks", num_stacks),
                         ("channels", channels), ("image_size", image_size)):
             check_int("PAN", name, v)
-        check_choice("PAN", "readout", readout, ("flatten", "pool"))
+        check_choice("PAN", "readout", readout, ("flatten", "pool", "softmax"))
         sizes = []
         s = image_size
         for _ in range(num_stacks):
@@ -181,6 +188,7 @@ class PAN(nn.Module):
             raise ValueError(f"PAN: image_size {image_size} is too small for {num_stacks} 2x2 pooling stacks")
         self.attention_kind = attention
         self.readout = readout
+        self.head_query = bool(head_query)
         self.num_classes, self.num_queries = num_classes, num_queries
         self.image_size, self.in_channels = image_size, in_channels
         self.map_sizes = tuple(sizes)
@@ -219,9 +227,9 @@ class PAN(nn.Module):
                 else:
                     self.attention[str(i)] = AttentionRNN(channels, **kw)
 
-        feat = channels if attention == "san" or readout == "pool" else channels * s * s
+        feat = channels if attention == "san" or readout != "flatten" else channels * s * s
         self.head = nn.Sequential(
-            nn.Linear(feat + num_queries, head_hidden), nn.ReLU(inplace=True), nn.Linear(head_hidden, num_classes)
+            nn.Linear(feat + (num_queries if self.head_query else 0), head_hidden), nn.ReLU(inplace=True), nn.Linear(head_hidden, num_classes)
         )
 
     def extra_repr(self) -> str:
@@ -263,7 +271,7 @@ class PAN(nn.Module):
             if attn is None:
                 continue
             a = attn(x, q)
-            if self.attention_kind == "san":
+            if self.attention_kind == "san" or (i == last and self.readout == "softmax"):
                 b, _, h, w = a.shape
                 p = torch.softmax(a.reshape(b, -1), dim=1).reshape(b, 1, h, w)
                 masks.append(p)
@@ -277,8 +285,8 @@ class PAN(nn.Module):
                 else:
                     x = x * m
         if x.dim() == 4:
-            x = x.mean(dim=(2, 3)) if self.readout == "pool" else x.flatten(1)
-        return self.head(torch.cat([x, q], dim=1)), masks
+            x = x.flatten(1) if self.readout == "flatten" else x.mean(dim=(2, 3))
+        return self.head(torch.cat([x, q], dim=1) if self.head_query else x), masks
 
 
 def mask_correctness(masks: Sequence[torch.Tensor], target_mask: torch.Tensor) -> torch.Tensor:
