@@ -241,6 +241,11 @@ def _cmd_bench(args) -> int:
         if not torch.cuda.is_available():
             print("arnn-plugins bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
             return 2
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.repeats is not None and args.repeats < 3 and not args.scaling:
+        print(f"arnn-plugins bench: --repeats {args.repeats}: medians of fewer than 3 interleaved repeats are "
+              "noise on a shared machine; the tables will say so", file=sys.stderr)
     _set_threads(args.threads)
     if args.profile or args.scaling:
         parts = []

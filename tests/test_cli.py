@@ -174,3 +174,15 @@ def test_bench_resnet_compiled_rows():
     assert [r.name for r in rows] == ["resnet18", "resnet18+cbam", "resnet18+cbam+arnn"]
     # Compilation is paid once, in the first step, not in the medians.
     assert all(r.compile_s is not None and r.compile_s * 1e3 > r.fwdbwd_ms for r in rows)
+
+
+def test_bench_tables_warn_when_their_figures_cannot_be_trusted(capsys):
+    from arnn_plugins.experiments.bench import Row, timing_warning
+
+    good = [Row("a", 1.0, 3.0, 0.0, 0.0), Row("b", 2.0, 5.0, 0.0, 0.0)]
+    assert timing_warning(good, 3) == ""
+    odd = [Row("a", 4.0, 3.0, 0.0, 0.0), Row("b", 2.0, 5.0, 0.0, 0.0)]
+    assert "a: the forward timed slower than forward+backward" in timing_warning(odd, 5)
+    assert "medians of 1 repeat(s)" in timing_warning(good, 1)
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err

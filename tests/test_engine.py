@@ -218,6 +218,10 @@ def test_demo_trains_both_kinds_per_seed_prints_spreads_writes_files(tmp_path, c
                         str(wd / "arnn_s0" / "config.py"), str(wd / "arnn_s0" / "iter_2.pth")]
     assert main(["show", *show[:4], "--out", str(tmp_path / "again.png"), "--num", "2"]) == 0
     assert str(wd / "curves.json") in text
+    assert Image.open(tmp_path / "demo_curves.png").size[0] > 400
+    from arnn_plugins.experiments.plots import read_curves
+
+    assert set(read_curves(str(wd))) == {"ctx", "arnn"} and set(read_curves(str(wd))["arnn"]) == {"0", "1"}
     # The outline-fill part: its table with spreads, per-seed comparison and picture.
     outline_part = text.split("Outline fill", 1)[1].split("PAN on", 1)[0]
     assert re.search(r"^arnn\s+\d\.\d{3} ± \d\.\d{3}", outline_part, re.M) and "IoU higher in" in outline_part

@@ -333,6 +333,28 @@ def format_table(title: str, rows: List[Row], ratio_label: str, step_label: str 
     return "\n".join(lines)
 
 
+MIN_TRUSTED_REPEATS = 3
+
+
+def timing_warning(rows: List[Row], repeats: int) -> str:
+    """A warning to print under a table whose figures cannot be trusted, else ``""``.
+
+    Untrusted: a forward timed slower than its own forward+backward (the
+    load changed during the run), or medians of fewer than
+    :data:`MIN_TRUSTED_REPEATS` repeats.
+    """
+    notes = []
+    odd = [r.name for r in rows if r.fwd_ms > r.fwdbwd_ms]
+    if odd:
+        notes.append(f"{', '.join(odd)}: the forward timed slower than forward+backward, so the machine's load "
+                     "changed during the run")
+    if repeats < MIN_TRUSTED_REPEATS:
+        notes.append(f"medians of {repeats} repeat(s)")
+    if not notes:
+        return ""
+    return f"\n\nwarning: not to be trusted ({'; '.join(notes)}): rerun with --repeats {max(5, MIN_TRUSTED_REPEATS)}"
+
+
 def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool = True,
         batch: Optional[int] = None, amp: bool = False, size: Optional[int] = None, scan: bool = False,
         compile: bool = False) -> str:
@@ -345,7 +367,13 @@ def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool 
 
     dev = torch.device(device)
     parts = []
-    with tqdm(desc="bench", unit="run") as bar:
+    # Every case is timed once to warm up, then `repeats` times; a table has a
+    # forward and a step case per row (3 ResNets; compiling adds one call each).
+    per_table = lambda rows: 2 * rows * (1 + repeats)  # noqa: E731
+    n_layer = len(_default_backends(dev))
+    total = (per_table(n_layer) * (int(scan) + int(layer))
+             + (per_table(3) * (1 + int(compile)) + 3 * int(compile)) * int(resnet))
+    with tqdm(total=total, desc="bench", unit="run") as bar:
         def progress(msg):
             bar.update(1)
             bar.set_postfix_str(msg)
@@ -355,23 +383,23 @@ def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool 
             b = batch or (64 if dev.type == "cuda" else 8)
             rows = bench_scan(batch=b, size=s, device=device, repeats=repeats, progress=progress)
             parts.append(format_table(f"diagonal LSTM scan, B={b}, D=2, {s}x{s}, t=16, {device}",
-                                      rows, "speed-up vs reference"))
+                                      rows, "speed-up vs reference") + timing_warning(rows, repeats))
         if layer:
             s = size or (56 if dev.type == "cuda" else 32)
             b = batch or (64 if dev.type == "cuda" else 32)
             rows = bench_layer(batch=b, size=s, device=device, repeats=repeats, progress=progress)
             parts.append(format_table(
                 f"AttentionRNN layer, B={b}, C=64, {s}x{s}, t=16, {device}",
-                rows, "speed-up vs reference"))
+                rows, "speed-up vs reference") + timing_warning(rows, repeats))
         if resnet:
             b = batch or (128 if dev.type == "cuda" else 16)
             rows = bench_resnet(batch=b, device=device, amp=amp, repeats=repeats, progress=progress)
             parts.append(format_table(
                 f"timm ResNet18 train step, batch {b}, 128x128, {device}{' AMP' if amp else ''}",
-                rows, "time vs +CBAM", step_label="train step ms"))
+                rows, "time vs +CBAM", step_label="train step ms") + timing_warning(rows, repeats))
             if compile:
                 rows = bench_resnet(batch=b, device=device, amp=amp, repeats=repeats, progress=progress, compile=True)
                 parts.append(format_table(
                     f"timm ResNet18 train step, torch.compile, batch {b}, 128x128, {device}{' AMP' if amp else ''}",
-                    rows, "time vs +CBAM", step_label="train step ms"))
+                    rows, "time vs +CBAM", step_label="train step ms") + timing_warning(rows, repeats))
     return "\n\n".join(parts)

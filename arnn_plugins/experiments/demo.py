@@ -37,6 +37,7 @@ import torch
 from ..data import MultiDigitDataset, query_blind_accuracy, uniform_mask_correctness
 from .outline import OUTLINE_KINDS, format_outline_table, outline_run
 from .pictures import mask_grid_png, mask_panel_png, pan_masks
+from .plots import curves_png, read_curves
 from .recipes import DEMO_SCALES, DEMO_TASK, KIND_NAMES, curve_points, pan_config, run_pan
 
 __all__ = ["run_pan_demo", "DEMO_SEEDS", "OUTLINE_STEPS"]
@@ -264,13 +265,17 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
         panels[KIND_NAMES.get(kind, kind.upper())] = pan_masks(model, images, queries)
         show += [cfg_path, ckpt]
     mask_panel_png(out, images, queries, answers, panels, task=task, target_masks=masks)
+    curves_png_path = osp.splitext(out)[0] + "_curves.png"
+    curves_png(read_curves(work_dir), curves_png_path, levels={"correctness": uniform},
+               title=f"PAN on {what}, test accuracy and mask correctness along training (band: min to max over seeds)")
     if outline:
         o = {kind: outline_raw[(kind, seeds[0])] for kind in OUTLINE_KINDS}
         mask_grid_png(outline_png, o["arnn"]["images"], {"target": o["arnn"]["targets"], "local 3x3": o["local"]["probs"],
                                                          "ARNN": o["arnn"]["probs"]})
     print(f"\nwall time {wall / 60:.1f} min ({jobs} run(s) at once)")
     print(f"runs (config.py and the last checkpoint each): {osp.join(work_dir, '<kind>_s<seed>')}")
-    print(f"curves along training: {curves_path}; final figures: {osp.join(work_dir, 'results.json')}")
+    print(f"curves along training: {curves_path} (plotted: {curves_png_path}); "
+          f"final figures: {osp.join(work_dir, 'results.json')}")
     print(f"masks of seed {seeds[0]}'s models: {out}" + (f" (PAN), {outline_png} (outline fill)" if outline else ""))
     print("redraw them (or more items, --num 12):\n  arnn-plugins show " + " ".join(shlex.quote(p) for p in show)
           + f" --out {shlex.quote(out)}")

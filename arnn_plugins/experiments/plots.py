@@ -25,7 +25,8 @@ def read_curves(run_dir: str) -> Curves:
     """The evaluation points a run folder holds.
 
     ``run_dir`` is either a folder with a ``curves.json`` (what the demo
-    writes: ``{kind: {seed: [{"step", "accuracy", "correctness", ...}]}}``),
+    writes: ``{"runs": [{"kind", "seed", "points": [{"step", "accuracy",
+    "correctness", ...}]}]}``, returned as ``{kind: {seed: points}}``),
     or an mmengine work dir: its ``*/vis_data/scalars.json`` lines that carry
     an accuracy (``pan/accuracy``: the prefix is dropped) become one curve
     named after the folder.
@@ -36,7 +37,13 @@ def read_curves(run_dir: str) -> Curves:
     path = os.path.join(run_dir, "curves.json")
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
+        if isinstance(data, dict) and isinstance(data.get("runs"), list):  # the demo's file
+            curves: Dict[str, Dict[str, list]] = {}
+            for run in data["runs"]:
+                curves.setdefault(run["kind"], {})[str(run["seed"])] = run["points"]
+            return curves
+        return data
     points: List[Point] = []
     for scalars in sorted(glob.glob(os.path.join(run_dir, "*", "vis_data", "scalars.json"))):
         with open(scalars) as f:
