@@ -1,6 +1,6 @@
 """The ``arnn-plugins`` command line.
 
-Commands: ``demo`` (the main job: PAN with CTX and with ARNN on small MBG),
+Commands: ``demo`` (the main job: local attention against ARNN on the outline task and PAN on MBG^inv),
 ``train`` / ``eval`` / ``show`` (mmengine configs, see ``configs/``),
 ``reproduce`` (the paper's attribute tables), ``bench`` and ``list``.
 Usage errors (a bad config path, key, value or option, device or work dir,
@@ -320,9 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="layers, variants, backends and adapters")
     s.set_defaults(fn=_cmd_list)
 
-    s = sub.add_parser("demo", help="main job: train PAN with CTX and with ARNN on small MBG, print a table, "
-                                    "write a PNG of the masks")
-    s.add_argument("--quick", action="store_true", help="the one-minute version")
+    s = sub.add_parser("demo", help="main job: the outline-fill task and PAN on MBG^inv, local attention against "
+                                    "ARNN over three seeds; prints tables with spreads, writes mask PNGs and curves")
+    s.add_argument("--quick", action="store_true",
+                   help="the short version (a few minutes; too short for PAN to separate the kinds)")
     s.add_argument("--out", default="arnn_demo.png", help="PNG of the masks")
     s.add_argument("--work-dir", default="work_dirs/demo", help="checkpoints and logs")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -96,7 +96,8 @@ DEMO_SCALES: Dict[str, Scale] = {
     # both kinds for three seeds, two runs at once: about 8 minutes on two idle cores. In MBG^inv both kinds
     # start on a plateau at the query-blind level; by 1000 steps ARNN has left it in each demo seed.
     "default": Scale(n_train=20000, n_test=500, iters=1000, batch=32, **_DEMO, note="arnn-plugins demo"),
-    # About two minutes: too short for either kind to leave the plateau.
+    # With the outline task at 400 steps, about three minutes on two idle cores: too short for either PAN kind
+    # to leave the plateau.
     "quick": Scale(n_train=2000, n_test=300, iters=150, batch=32, **_DEMO, note="arnn-plugins demo --quick"),
 }
 
