@@ -156,6 +156,9 @@ def test_reproduce_tiny_writes_tables_and_json(tmp_path, capsys):
     assert any(acc[k[:3] + (0,)] != acc[k[:3] + (1,)] for k in acc)
     for r in runs:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["correctness"] <= 1 and r["sec_per_step"] > 0
+    # The curves along training, one plot per table part.
+    assert sorted(p.name for p in out.glob("curves_*.png")) == [
+        "curves_inverse_mbg.png", "curves_table1_mbg.png", "curves_table1_mref.png"]
     md = (out / "results.md").read_text()
     for word in ("Table 1", "Table 2", "Inverse", "SAN", "CTX", "ARNN", "MREF", "MBG", "±", "0.5-1", "[87.4]",
                  "| query-blind |", "per layer, first to last"):

@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["read_curves", "curves_png", "dependency_maps", "dependency_png"]
+__all__ = ["read_curves", "curves_png", "reproduce_curves_pngs", "dependency_maps", "dependency_png"]
 
 Point = Dict[str, float]
 # kind -> points, or kind -> seed -> points; a point has "step" and metrics.
@@ -104,6 +104,31 @@ def curves_png(curves: Curves, path: str, metrics: Sequence[str] = ("accuracy", 
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def reproduce_curves_pngs(results: Mapping, out_dir: str) -> List[str]:
+    """One :func:`curves_png` per table part of a ``reproduce`` results dict; returns the paths written.
+
+    ``results["runs"]`` entries carry ``group``, ``variant``, ``kind``,
+    ``seed`` and their ``curve``; each (group, variant) becomes
+    ``curves_<group>_<variant>.png`` in ``out_dir``, the uniform mask's
+    correctness (``results["uniform_correctness"]``, mean over seeds) drawn
+    as the reference level.
+    """
+    parts: Dict[tuple, Dict[str, Dict[str, list]]] = {}
+    for run in results.get("runs", []):
+        if run.get("curve"):
+            parts.setdefault((run["group"], run["variant"]), {}).setdefault(run["kind"], {})[str(run["seed"])] = \
+                run["curve"]
+    uniform = results.get("uniform_correctness") or {}  # "group/variant/seed" -> level
+    paths = []
+    for (group, variant), curves in sorted(parts.items()):
+        path = os.path.join(out_dir, f"curves_{group}_{variant}.png")
+        levels = [v for k, v in uniform.items() if k.startswith(f"{group}/{variant}/")]
+        curves_png(curves, path, levels={"correctness": float(np.mean(levels))} if levels else None,
+                   title=f"reproduce: {group}, {variant}")
+        paths.append(path)
+    return paths
 
 
 def dependency_maps(size: int = 9, cell=(4, 4)) -> Dict[str, np.ndarray]:

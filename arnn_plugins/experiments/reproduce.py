@@ -293,4 +293,7 @@ def reproduce(scale: Union[str, Scale] = "small", out: str = "arnn_reproduce", d
         json.dump(results, f, indent=1)
     with open(md_path, "w") as f:
         f.write(format_tables(results))
+    from .plots import reproduce_curves_pngs
+
+    reproduce_curves_pngs(results, out)
     return results
