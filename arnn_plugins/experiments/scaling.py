@@ -100,7 +100,7 @@ def _measure(point: Point, backends: List[str], channels: int, device: torch.dev
 
 
 def scaling_sweep(axes: Sequence[str] = tuple(AXES), backends: Optional[List[str]] = None, device: str = "cpu",
-                  repeats: int = 2, budget_s: float = 4.0, values: Optional[Dict[str, Sequence[int]]] = None,
+                  repeats: int = 2, budget_s: float = 2.0, values: Optional[Dict[str, Sequence[int]]] = None,
                   base: Optional[Dict[str, int]] = None,
                   progress: Optional[Callable[[str], None]] = None) -> List[Point]:
     """Measure the layer along ``axes`` (keys of :data:`AXES`) around a base point.
@@ -226,7 +226,7 @@ def plot_scaling(points: List[Point], path: str, title: str = "") -> str:
 
 def run_scaling(device: str = "cpu", repeats: int = 2, axes: Sequence[str] = tuple(AXES),
                 backends: Optional[List[str]] = None, plot: Optional[str] = None,
-                budget_s: float = 4.0) -> str:
+                budget_s: float = 2.0) -> str:
     """The sweep with a progress bar (total known up front); returns the markdown, writes ``plot`` if given."""
     from tqdm import tqdm
 
