@@ -107,8 +107,9 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def _interleaved_medians(cases: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                         progress: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
-    """Median ms per case, the repeats taken round-robin over the cases.
+                         progress: Optional[Callable[[str], None]] = None,
+                         stat: Callable[[List[float]], float] = statistics.median) -> Dict[str, float]:
+    """Median ms per case (or ``stat`` of the repeats), the repeats taken round-robin over the cases.
 
     On a shared machine the load drifts; interleaving makes every case see
     the same drift, so ratios between cases stay meaningful.
@@ -123,7 +124,7 @@ def _interleaved_medians(cases: Dict[str, Callable[[], object]], device: torch.d
             if progress:
                 progress(f"{name} ({r + 1}/{repeats})")
             times[name].append(_time_ms(fn, device))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: stat(ts) for name, ts in times.items()}
 
 
 # Peers that are not backends: passed to the layer or the scan as callables,

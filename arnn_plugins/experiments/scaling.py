@@ -13,7 +13,8 @@ or work that is not linear. The exponent is fitted over all points and over
 the three largest ones, which is where the asymptote shows.
 
 Within one point the backends' repeats are interleaved, so their ratios are
-comparable on a noisy machine. A backend whose forward+backward took longer
+comparable on a noisy machine, and the fastest repeat is kept. Memory is
+fitted the same way (it does not depend on the machine's load). A backend whose forward+backward took longer
 than ``budget_s`` at one point of an axis is not run at the larger points
 of that axis (shown as skipped), which keeps the default sweep to a few
 minutes on two cores.
@@ -92,12 +93,14 @@ def _measure(point: Point, backends: List[str], channels: int, device: torch.dev
         progress(f"{point.axis}={point.value} {name} memory")
         point.held_mb[name], point.peak_mb[name] = memory_mb(lambda m=m: m(x), device)
     label = f"{point.axis}={point.value}"
-    ms = _interleaved_medians(cases, device, repeats, lambda msg: progress(f"{label} {msg}"))
+    # The fastest repeat: a fit over sizes is thrown off by one repeat that
+    # another process on the machine slowed down, more than a table is.
+    ms = _interleaved_medians(cases, device, repeats, lambda msg: progress(f"{label} {msg}"), stat=min)
     point.ms.update(ms)
 
 
 def scaling_sweep(axes: Sequence[str] = tuple(AXES), backends: Optional[List[str]] = None, device: str = "cpu",
-                  repeats: int = 2, budget_s: float = 4.0, values: Optional[Dict[str, Sequence[int]]] = None,
+                  repeats: int = 2, budget_s: float = 2.0, values: Optional[Dict[str, Sequence[int]]] = None,
                   base: Optional[Dict[str, int]] = None,
                   progress: Optional[Callable[[str], None]] = None) -> List[Point]:
     """Measure the layer along ``axes`` (keys of :data:`AXES`) around a base point.
@@ -131,8 +134,11 @@ def scaling_sweep(axes: Sequence[str] = tuple(AXES), backends: Optional[List[str
     return points
 
 
-def exponents(points: List[Point]) -> Dict[str, Dict[str, tuple]]:
-    """``{axis: {backend: (exponent over all points, over the three largest)}}`` of time."""
+def exponents(points: List[Point], of: str = "ms") -> Dict[str, Dict[str, tuple]]:
+    """``{axis: {backend: (exponent over all points, over the three largest)}}`` of ``of``.
+
+    ``of`` is a :class:`Point` field: ``"ms"`` (time) or ``"peak_mb"`` (memory).
+    """
     out: Dict[str, Dict[str, tuple]] = {}
     for axis, (_, measure, _) in AXES.items():
         pts = [p for p in points if p.axis == axis]
@@ -141,7 +147,7 @@ def exponents(points: List[Point]) -> Dict[str, Dict[str, tuple]]:
         out[axis] = {}
         for name in pts[0].ms:
             xs = [measure(p.value) for p in pts]
-            ys = [p.ms.get(name) for p in pts]
+            ys = [getattr(p, of).get(name) for p in pts]
             done = [(x, y) for x, y in zip(xs, ys) if y is not None]
             last = done[-3:]
             out[axis][name] = (fit_exponent(xs, ys), fit_exponent([x for x, _ in last], [y for _, y in last]))
@@ -155,7 +161,7 @@ def _fmt(v: Optional[float], spec: str) -> str:
 def format_scaling(points: List[Point], title: str = "") -> str:
     """Markdown: one table per axis (time, held and peak memory per backend), then the exponents."""
     lines = [f"**{title}**", ""] if title else []
-    exps = exponents(points)
+    exps, mems = exponents(points), exponents(points, "peak_mb")
     for axis, (_, _, against) in AXES.items():
         pts = [p for p in points if p.axis == axis]
         if not pts:
@@ -173,9 +179,11 @@ def format_scaling(points: List[Point], title: str = "") -> str:
                        else f"{p.held_mb[n]:.1f} / {p.peak_mb[n]:.1f}")
                 cells += [_fmt(p.ms.get(n), ".1f"), mem]
             lines.append(f"| {p.value} | " + " | ".join(cells) + " |")
-        lines += ["", f"time exponent against {against}: " + "; ".join(
-            f"{n} {_fmt(e_all, '.2f')} (three largest {_fmt(e_top, '.2f')})"
-            for n, (e_all, e_top) in exps[axis].items()), ""]
+        for what, ex in (("time", exps), ("backward peak memory", mems)):
+            lines += ["", f"{what} exponent against {against}: " + "; ".join(
+                f"{n} {_fmt(e_all, '.2f')} (three largest {_fmt(e_top, '.2f')})"
+                for n, (e_all, e_top) in ex[axis].items())]
+        lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -218,7 +226,7 @@ def plot_scaling(points: List[Point], path: str, title: str = "") -> str:
 
 def run_scaling(device: str = "cpu", repeats: int = 2, axes: Sequence[str] = tuple(AXES),
                 backends: Optional[List[str]] = None, plot: Optional[str] = None,
-                budget_s: float = 4.0) -> str:
+                budget_s: float = 2.0) -> str:
     """The sweep with a progress bar (total known up front); returns the markdown, writes ``plot`` if given."""
     from tqdm import tqdm
 
