@@ -75,12 +75,15 @@ def test_first_screen_example():
 
 def test_mmcv_config_lines_build_an_mmdet_resnet():
     pytest.importorskip("mmdet")
+    import mmdet.models  # noqa: F401  (registers mmdet's backbones)
     from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
     from mmengine.utils import import_modules_from_strings
 
     s = _run(_block("Put it in your model", 1))
     import_modules_from_strings(**s["custom_imports"])
-    backbone = MODELS.build(dict(s["backbone"], num_stages=4, out_indices=(3,), norm_eval=False))
+    with DefaultScope.overwrite_default_scope("mmdet"):  # what an mmdet config's default_scope does
+        backbone = MODELS.build(dict(s["backbone"], num_stages=4, out_indices=(3,), norm_eval=False))
     gates = [n for n, m in backbone.named_modules() if type(m).__name__ == "AttentionRNN"]
     assert len(gates) == 4 + 6 + 3  # every Bottleneck of stages 2-4
     x = torch.randn(1, 3, 64, 64)

@@ -84,17 +84,20 @@ class CheckpointRunner(Runner):
     #: the work dir still gets everything at the config's ``log_level``).
     quiet_console = False
 
-    def build_logger(self, *args, **kwargs):
+    def build_logger(self, log_level="INFO", *args, **kwargs):
         """mmengine's logger; with :attr:`quiet_console`, its console handler raised to WARNING.
 
         Done here, before the Runner logs its environment, config and hook
-        tables (about 200 lines) to the console.
+        tables (about 200 lines) to the console. The console level is set
+        either way: mmengine hands back the same logger to a runner of the
+        same config started within the same second, quiet or not.
         """
-        logger = super().build_logger(*args, **kwargs)
-        if self.quiet_console:
-            for handler in logger.handlers:
-                if type(handler) is logging.StreamHandler:  # not the FileHandler subclass
-                    handler.setLevel(max(handler.level, logging.WARNING))
+        logger = super().build_logger(log_level, *args, **kwargs)
+        level = logging.WARNING if self.quiet_console else logging._checkLevel(log_level)
+        for handler in logger.handlers:
+            # Not the FileHandler subclass; other ranks' consoles stay at ERROR.
+            if type(handler) is logging.StreamHandler and handler.level < logging.ERROR:
+                handler.setLevel(level)
         return logger
 
     @master_only
