@@ -85,7 +85,8 @@ def test_curves_from_a_demo_folder_and_an_mmengine_work_dir(tmp_path):
                       "1": [{"step": 10, "accuracy": 0.4, "correctness": 0.05},
                             {"step": 20, "accuracy": 0.7, "correctness": 0.08}]},
               "arnn": {"0": [{"step": 10, "accuracy": 0.6, "correctness": 0.1}]}}
-    (demo / "curves.json").write_text(json.dumps(curves))
+    runs = [{"kind": k, "seed": int(seed), "points": pts} for k, by_seed in curves.items() for seed, pts in by_seed.items()]
+    (demo / "curves.json").write_text(json.dumps({"interval": 10, "runs": runs}))
     assert plots.read_curves(str(demo)) == curves
 
     work = tmp_path / "arnn"

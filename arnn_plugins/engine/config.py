@@ -53,7 +53,7 @@ def config_path(name: str) -> str:
     stem = osp.basename(name)
     stem = stem[:-3] if stem.endswith(".py") else stem
     folder = osp.dirname(name)
-    if folder in ("", "configs", "configs/", "./configs") and stem in list_configs():
+    if folder in ("", "configs", "./configs") and stem in list_configs():
         return osp.join(_shipped_dir(), stem + ".py")
     raise FileNotFoundError(f"config file not found: {name} (not a file, nor one of the shipped configs: "
                             f"{', '.join(list_configs())}; `arnn-plugins list` lists them)")

@@ -249,6 +249,27 @@ def bench_scan(
 
 
 
+def resnet18_models(backend: str = "auto") -> Dict[str, torch.nn.Module]:
+    """The benchmarked timm ResNet18s (100 classes): plain, +CBAM, and +CBAM with an ARNN spatial branch.
+
+    The ARNN model is the CBAM one with ``swap_attention(mode="replace")``;
+    ``backend`` goes to its ARNN layers. Built from ``torch.manual_seed(0)``.
+    """
+    import timm
+
+    from ..registry import swap_attention
+
+    torch.manual_seed(0)
+    models = {
+        "resnet18": timm.create_model("resnet18", num_classes=100),
+        "resnet18+cbam": timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam")),
+    }
+    arnn = timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam"))
+    swap_attention(arnn, mode="replace", backend=backend)
+    models["resnet18+cbam+arnn"] = arnn
+    return models
+
+
 def bench_resnet(
     batch: int = 16,
     size: int = 128,
@@ -266,21 +287,11 @@ def bench_resnet(
     time of its first training step and forward, compilation included, is
     reported apart (``compile_s``) and left out of the medians.
     """
-    import timm
-
-    from ..registry import swap_attention
-
     dev = torch.device(device)
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
-    models = {
-        "resnet18": timm.create_model("resnet18", num_classes=100),
-        "resnet18+cbam": timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam")),
-    }
-    arnn = timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam"))
-    swap_attention(arnn, mode="replace", backend=backend)
-    models["resnet18+cbam+arnn"] = arnn
+    models = resnet18_models(backend)
     fwd, steps, mem, compile_s = {}, {}, {}, {}
     for name, model in models.items():
         model.to(dev).train()

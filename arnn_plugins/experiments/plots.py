@@ -38,12 +38,10 @@ def read_curves(run_dir: str) -> Curves:
     if os.path.isfile(path):
         with open(path) as f:
             data = json.load(f)
-        if isinstance(data, dict) and isinstance(data.get("runs"), list):  # the demo's file
-            curves: Dict[str, Dict[str, list]] = {}
-            for run in data["runs"]:
-                curves.setdefault(run["kind"], {})[str(run["seed"])] = run["points"]
-            return curves
-        return data
+        curves: Dict[str, Dict[str, list]] = {}
+        for run in data["runs"]:
+            curves.setdefault(run["kind"], {})[str(run["seed"])] = run["points"]
+        return curves
     points: List[Point] = []
     for scalars in sorted(glob.glob(os.path.join(run_dir, "*", "vis_data", "scalars.json"))):
         with open(scalars) as f:

@@ -73,15 +73,10 @@ def profile_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, warmu
 
 
 def _models(backend: str) -> Dict[str, torch.nn.Module]:
-    import timm
+    from .bench import resnet18_models
 
-    from ..registry import swap_attention
-
-    torch.manual_seed(0)
-    cbam = timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam"))
-    arnn = timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam"))
-    swap_attention(arnn, mode="replace", backend=backend)
-    return {"resnet18+cbam": cbam, "resnet18+cbam+arnn": arnn}
+    models = resnet18_models(backend)
+    return {name: models[name] for name in ("resnet18+cbam", "resnet18+cbam+arnn")}
 
 
 def profile_models(batch: int = 16, size: int = 128, threads: Optional[int] = 2, backend: str = "auto",
