@@ -7,6 +7,7 @@ backends, and the C source the CPU kernel is built from.
 import ctypes
 import importlib.resources
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -130,7 +131,48 @@ def test_cpu_kernel_threads_agree_with_one_thread():
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*outs):
-        assert torch.allclose(a, b, atol=1e-6)
+        # Bit for bit: each block of sequences does the same arithmetic on
+        # whichever thread takes it, so results never depend on the thread count.
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not cpu_kernel.uses_openmp(),
+                    reason="kernel built without OpenMP")
+def test_cpu_kernel_threads_are_torchs_own_openmp_pool():
+    # A second OpenMP runtime would bring its own threads to compete with
+    # torch's for the cores: the kernel must run on the one torch loaded.
+    fused_scan(torch.randn(8, 2, 16, 4, 4), torch.randn(2, 16, 4, 2))
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if re.search(r"lib(g|i)?omp[^/]*\.so", line)}
+    assert len(runtimes) == 1, runtimes
+    assert Path(next(iter(runtimes))).resolve().parent == (Path(torch.__file__).parent / "lib").resolve()
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler")
+def test_cpu_kernel_without_openmp_splits_over_python_threads(monkeypatch, tmp_path):
+    # Where the compiler has no OpenMP the library is built plain and Python
+    # threads share the blocks: same results, to the bit.
+    text = cpu_kernel.source()
+    monkeypatch.setenv("ARNN_PLUGINS_CACHE", str(tmp_path))
+    path = cpu_kernel.library_path(text, openmp=False)
+    cpu_kernel._compile(text, path, openmp=False)
+    plain = ctypes.CDLL(path)
+    assert plain.arnn_openmp() == 0
+    torch.manual_seed(0)
+    gx = torch.randn(6, 2, 32, 5, 4, dtype=torch.float64, requires_grad=True)
+    wh = torch.randn(2, 32, 8, 2, dtype=torch.float64, requires_grad=True)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        torch.set_num_threads(3)
+        for lib in (cpu_kernel.load(), plain):
+            monkeypatch.setattr(cpu_kernel, "_lib", lib)
+            h = cpu_kernel.c_scan(gx, wh)
+            outs.append((h, *torch.autograd.grad(h.square().sum(), (gx, wh))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 def _layer_variants():

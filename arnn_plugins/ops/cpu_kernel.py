@@ -7,8 +7,10 @@ compiler, into ``~/.cache/arnn-plugins``) a plain C function that walks the
 sequences in raster order, which is a valid order for the recurrence: cell
 ``(i, j)`` needs only ``(i - 1, j)`` and ``(i, j - 1)``; a few batch items of
 one direction advance together, their mat-vecs one small GEMM on the shared
-weights. Sequences are split
-over threads from Python (``ctypes`` releases the GIL), the forward saves
+weights. The blocks are split over threads by OpenMP in C, on the same
+threads torch's ops use (a second pool of threads competes with torch's
+for the cores); a compiler without OpenMP leaves the split to Python
+threads (``ctypes`` releases the GIL). The forward saves
 gate activations and cells, and the backward is the reverse raster walk
 (writing the input gradient over the saved activations when the graph is
 not retained, so it allocates next to nothing).
@@ -41,7 +43,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["SOURCE_FILE", "available", "c_scan", "library_path", "load", "scan_backward", "scan_forward", "source"]
+__all__ = ["SOURCE_FILE", "available", "c_scan", "library_path", "load", "scan_backward", "scan_forward", "source",
+           "uses_openmp"]
 
 # The C source ships as package data next to this module (setup.cfg
 # [options.package_data]); read at build time, never copied into Python.
@@ -51,6 +54,11 @@ SOURCE_FILE = "csrc/arnn_scan.c"
 # one FMA instruction, which halves the recurrence's arithmetic (and rounds
 # once instead of twice).
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c99"]
+# With OpenMP the kernel's threads are the process's OpenMP pool, which is
+# torch's own on Linux wheels (libgomp.so.1 is loaded once, by torch). A
+# compiler without it (clang without libomp) builds the plain library, and
+# Python threads split the work instead.
+_OPENMP = ["-fopenmp"]
 _lib = None
 _lock = threading.Lock()
 _pool: Optional[ThreadPoolExecutor] = None
@@ -77,18 +85,19 @@ def source() -> str:
     return importlib.resources.files(__package__).joinpath(SOURCE_FILE).read_text(encoding="utf-8")
 
 
-def library_path(text: Optional[str] = None) -> str:
+def library_path(text: Optional[str] = None, openmp: bool = True) -> str:
     """Where the library built from ``text`` (default: :func:`source`) is cached.
 
-    The name hashes the source, the flags and the CPU signature: each of them
-    changes the machine code.
+    The name hashes the source, the flags (``openmp``: with ``-fopenmp``) and
+    the CPU signature: each of them changes the machine code.
     """
     text = source() if text is None else text
-    key = hashlib.sha256((text + " ".join(_FLAGS) + _cpu_signature()).encode()).hexdigest()[:16]
+    flags = _FLAGS + (_OPENMP if openmp else [])
+    key = hashlib.sha256((text + " ".join(flags) + _cpu_signature()).encode()).hexdigest()[:16]
     return os.path.join(_cache_dir(), f"arnn_scan_{key}.so")
 
 
-def _compile(text: str, path: str) -> None:
+def _compile(text: str, path: str, openmp: bool = True) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found")
@@ -98,7 +107,8 @@ def _compile(text: str, path: str) -> None:
         with open(src, "w") as f:
             f.write(text)
         out = os.path.join(tmp, "arnn_scan.so")
-        subprocess.run([cc, *_FLAGS, src, "-o", out, "-lm"], check=True, capture_output=True, timeout=120)
+        flags = _FLAGS + (_OPENMP if openmp else [])
+        subprocess.run([cc, *flags, src, "-o", out, "-lm"], check=True, capture_output=True, timeout=120)
         # Atomic, so concurrent first uses never load a half-written file.
         tmp_target = f"{path}.{os.getpid()}.tmp"
         shutil.copyfile(out, tmp_target)
@@ -128,10 +138,7 @@ def load():
         try:
             # Read once: the library must be built from the text its name hashes.
             text = source()
-            path = library_path(text)
-            if not os.path.exists(path):
-                _compile(text, path)
-            lib = ctypes.CDLL(path)
+            lib = _build_and_load(text)
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _lib = False
             # Once per process: the scan still works, only slower, and the
@@ -144,6 +151,26 @@ def load():
             return None
         _lib = lib
         return lib
+
+
+def _build_and_load(text: str):
+    """The library with OpenMP if this compiler and loader manage it, else without."""
+    path = library_path(text, openmp=True)
+    try:
+        if not os.path.exists(path):
+            _compile(text, path, openmp=True)
+        return ctypes.CDLL(path)
+    except (OSError, subprocess.CalledProcessError):
+        path = library_path(text, openmp=False)
+        if not os.path.exists(path):
+            _compile(text, path, openmp=False)
+        return ctypes.CDLL(path)
+
+
+def uses_openmp() -> bool:
+    """True when the loaded kernel splits its work over the process's OpenMP threads."""
+    lib = load()
+    return lib is not None and bool(lib.arnn_openmp())
 
 
 def available() -> bool:
@@ -167,10 +194,13 @@ def _blocks(b: int, d: int):
     return [(k * b + b0, k * b + min(b0 + nb, b)) for k in range(d) for b0 in range(0, b, nb)]
 
 
-def _run_blocks(fn, b: int, d: int) -> None:
-    """Call ``fn(s0, s1)`` over the ``d * b`` sequences, spread over torch's thread count.
+def _run_blocks(lib, name: str, args: list, b: int, d: int) -> None:
+    """Run kernel ``name`` over the ``d * b`` sequences, spread over torch's thread count.
 
-    The calling thread works too, and each thread takes the next block of
+    ``args`` are the kernel's arguments up to the sequence range. With
+    OpenMP the C side splits the blocks (``name``'s ``_par`` form) on the
+    threads torch's own ops use. Otherwise Python threads do: the calling
+    thread works too, and each thread takes the next block of
     sequences when it is done with one. A fixed split into one share per
     thread made the step wait for the slowest share: on a machine whose
     other core is busy with another process, two threads then took as long
@@ -178,11 +208,17 @@ def _run_blocks(fn, b: int, d: int) -> None:
     the blocks it does not get to.
     """
     global _pool
-    blocks = _blocks(b, d)
-    workers = max(1, min(torch.get_num_threads(), len(blocks)))
+    nb = int(lib.arnn_block())
+    workers = max(1, min(torch.get_num_threads(), d * -(-b // nb)))
     if workers == 1:
-        fn(0, d * b)
+        _ok(getattr(lib, name)(*args, ctypes.c_int(0), ctypes.c_int(d * b)))
         return
+    if lib.arnn_openmp():
+        base, dtype = name.rsplit("_", 1)
+        _ok(getattr(lib, f"{base}_par_{dtype}")(*args, ctypes.c_int(d), ctypes.c_int(workers)))
+        return
+    fn = getattr(lib, name)
+    blocks = _blocks(b, d)
     if _pool is None or _pool._max_workers < workers - 1:
         _pool = ThreadPoolExecutor(max_workers=workers - 1)
     todo = iter(blocks)
@@ -194,7 +230,7 @@ def _run_blocks(fn, b: int, d: int) -> None:
                 block = next(todo, None)
             if block is None:
                 return
-            fn(*block)
+            _ok(fn(*args, ctypes.c_int(block[0]), ctypes.c_int(block[1])))
 
     futures = [_pool.submit(work) for _ in range(workers - 1)]
     try:
@@ -241,7 +277,7 @@ def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor):
     lib = load()
     b, d, g4, h, w = gx.shape
     t = g4 // 4
-    fwd = getattr(lib, "arnn_fwd_f64" if gx.dtype == torch.float64 else "arnn_fwd_f32")
+    name = "arnn_fwd_f64" if gx.dtype == torch.float64 else "arnn_fwd_f32"
     gx = _features_last(gx)
     wt = weight_hh.permute(0, 3, 2, 1).contiguous()  # (D, 2, t, 4t)
     hid = gx.new_empty(b, h, w, d, t).permute(0, 3, 4, 1, 2)  # (B, D, t, H, W), features last
@@ -249,12 +285,9 @@ def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor):
     acts = gx.new_empty(d * b, h, w, g4)
     args_g, args_h = _strides(gx), _strides(hid)
 
-    def run(s0, s1):
-        _ok(fwd(_ptr(gx), *args_g, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
-                ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t), ctypes.c_int(s0),
-                ctypes.c_int(s1)))
-
-    _run_blocks(run, b, d)
+    args = [_ptr(gx), *args_g, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
+            ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
+    _run_blocks(lib, name, args, b, d)
     return hid, cbuf, acts
 
 
@@ -275,7 +308,7 @@ def _backward(grad_h, wg, hid, cbuf, acts, overwrite):
     # wg: K_h as the kernel reads it, (D, 2, 4t, t) contiguous.
     b, d, t, h, w = hid.shape
     lib = load()
-    bwd = getattr(lib, "arnn_bwd_f64" if hid.dtype == torch.float64 else "arnn_bwd_f32")
+    name = "arnn_bwd_f64" if hid.dtype == torch.float64 else "arnn_bwd_f32"
     dz = acts if overwrite else torch.empty_like(acts)
     dgx = dz.view(d, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
     dwt = hid.new_empty(d, b, 2, t, 4 * t)
@@ -283,12 +316,9 @@ def _backward(grad_h, wg, hid, cbuf, acts, overwrite):
     args_o = [ctypes.c_long(v) for v in (sb, sd, sf, si, sj)]
     args_h, args_d = _strides(hid), _strides(dgx)
 
-    def run(s0, s1):
-        _ok(bwd(_ptr(grad_h), *args_o, _ptr(wg), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts), _ptr(dgx), *args_d,
-                _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t),
-                ctypes.c_int(s0), ctypes.c_int(s1)))
-
-    _run_blocks(run, b, d)
+    args = [_ptr(grad_h), *args_o, _ptr(wg), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts), _ptr(dgx), *args_d,
+            _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
+    _run_blocks(lib, name, args, b, d)
     return dgx, dwt.sum(1).permute(0, 3, 2, 1)  # (D, 4t, t, 2)
 
 

@@ -14,19 +14,21 @@
    order, which is a valid order for the recurrence: cell (i, j) needs only
    (i - 1, j) and (i, j - 1); a few batch items of one direction at a time
    (see NB below), so that their mat-vecs become one small GEMM sharing the
-   weights. The caller, arnn_plugins/ops/cpu_kernel.py,
-   splits the sequences over threads (ctypes releases the GIL). The forward
+   weights. arnn_*_par_* split the blocks over threads (below); without
+   OpenMP the caller, arnn_plugins/ops/cpu_kernel.py, splits them over
+   Python threads (ctypes releases the GIL). The forward
    saves the gate activations and the cells; arnn_bwd_* is the reverse raster
    walk, and may write the input gradient over the saved activations (when
    the autograd graph is not retained) so that it allocates next to nothing.
 
    No Python or torch headers: the file builds with the system C compiler in
    about a second and needs nothing from the network. cpu_kernel.py compiles
-   it once with -O3 -march=native -ffp-contract=fast -shared -fPIC -std=c99
-   -lm into
+   it once with -O3 -march=native -ffp-contract=fast -fopenmp -shared -fPIC
+   -std=c99 -lm (without -fopenmp where the compiler lacks it) into
    ~/.cache/arnn-plugins/kernels, the library's name keyed by a hash of this
    file's text, the flags and the CPU's instruction sets. Exported:
-   arnn_fwd_f32, arnn_fwd_f64, arnn_bwd_f32, arnn_bwd_f64, arnn_block. */
+   arnn_fwd_f32, arnn_fwd_f64, arnn_bwd_f32, arnn_bwd_f64, arnn_block, their
+   arnn_*_par_* whole-scan forms and arnn_openmp. */
 
 #include <math.h>
 #include <stdlib.h>
@@ -385,3 +387,55 @@ DEFINE(float, f32)
 DEFINE(double, f64)
 
 int arnn_block(void) { return NB; }
+
+/* The whole scan on nthreads threads: blocks of NB items of one direction,
+   each thread taking the next block when it is done with one (a busy core
+   then slows the scan only by the blocks it does not get to). Built with
+   -fopenmp, the threads are those of the OpenMP runtime already loaded in
+   the process: PyTorch's own intra-op pool on Linux wheels, whose workers
+   are waiting for work right after torch's previous op. A separate pool of
+   threads would compete with them for the same cores. Only a plain
+   parallel region and atomics, so any libgomp since GCC 4.9 serves it.
+   Returns 0, or -1 if some block could not allocate its scratch. */
+#ifdef _OPENMP
+int arnn_openmp(void) { return 1; }
+#else
+int arnn_openmp(void) { return 0; }
+#endif
+
+#define PARALLEL_BLOCKS(CALL)                                                      \
+    const int per = (B + NB - 1) / NB, total = D * per;                            \
+    int next = 0, rc = 0;                                                          \
+    _Pragma("omp parallel num_threads(nthreads)")                                  \
+    for (;;) {                                                                     \
+        const int k = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);              \
+        if (k >= total) break;                                                     \
+        const int b0 = (k % per) * NB, s0 = (k / per) * B + b0;                    \
+        const int s1 = s0 + (B - b0 < NB ? B - b0 : NB);                           \
+        if (CALL) __atomic_store_n(&rc, -1, __ATOMIC_RELAXED);                     \
+    }                                                                              \
+    return rc;
+
+#define DEFINE_PAR(T, SUF)                                                         \
+int arnn_fwd_par_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,        \
+                       const T *wt, T *h, long hsb, long hsd, long hsi, long hsj,  \
+                       T *cbuf, T *acts, int B, int H, int W, int t, int D,        \
+                       int nthreads)                                               \
+{                                                                                  \
+    PARALLEL_BLOCKS(arnn_fwd_##SUF(gx, gsb, gsd, gsi, gsj, wt, h, hsb, hsd, hsi,   \
+                                   hsj, cbuf, acts, B, H, W, t, s0, s1))           \
+}                                                                                  \
+                                                                                   \
+int arnn_bwd_par_##SUF(const T *go, long osb, long osd, long osf, long osi,        \
+                       long osj, const T *wg, const T *h, long hsb, long hsd,      \
+                       long hsi, long hsj, const T *cbuf, const T *acts,           \
+                       T *dgx, long dsb, long dsd, long dsi, long dsj, T *dwt,     \
+                       int B, int H, int W, int t, int D, int nthreads)            \
+{                                                                                  \
+    PARALLEL_BLOCKS(arnn_bwd_##SUF(go, osb, osd, osf, osi, osj, wg, h, hsb, hsd,   \
+                                   hsi, hsj, cbuf, acts, dgx, dsb, dsd, dsi, dsj,  \
+                                   dwt, B, H, W, t, s0, s1))                       \
+}
+
+DEFINE_PAR(float, f32)
+DEFINE_PAR(double, f64)
