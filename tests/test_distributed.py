@@ -63,6 +63,14 @@ def _torchrun(args, nproc=2, cwd=None):
     cmd = [TORCHRUN, f"--nproc_per_node={nproc}", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", *args]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 and "terminate called without an active exception" in r.stderr:
+        # Now and then a gloo rank on this 2-core machine aborts in C++
+        # (a std::thread torn down unjoined) before the run's own code fails;
+        # one fresh try, from an empty work dir, so the checks see one run.
+        if "--work-dir" in args:
+            shutil.rmtree(args[args.index("--work-dir") + 1], ignore_errors=True)
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
     return r, time.perf_counter() - t0
 
 
