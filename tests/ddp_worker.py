@@ -21,9 +21,7 @@ whole batch, as one process would. Rank 0 writes, as JSON:
 
 import copy
 import datetime
-import gc
 import json
-import os
 import sys
 
 import torch
@@ -270,23 +268,12 @@ def main(out_path):
         res["grads"][name] = grad_case(spec, rank, world)
     for name, spec in unused_cases().items():
         res["unused"][name] = unused_case(spec, rank)
-        # A DDP whose step raised still holds its reducer's pending work:
-        # free it now, while the process group it refers to is alive.
-        gc.collect()
     res["buffers"] = buffers_case(rank)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(res, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
-    # Everything is written and the group is destroyed. Interpreter
-    # finalisation with gloo's threads still around has been seen to abort
-    # a rank now and then ("terminate called without an active exception",
-    # a std::thread torn down unjoined), which says nothing about the
-    # checks above; leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

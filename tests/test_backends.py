@@ -7,8 +7,8 @@ backends, and the C source the CPU kernel is built from.
 import ctypes
 import importlib.resources
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

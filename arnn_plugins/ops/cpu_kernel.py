@@ -188,9 +188,8 @@ def _ok(rc: int) -> None:
         raise MemoryError("AttentionRNN: the CPU scan kernel could not allocate its scratch memory")
 
 
-def _blocks(b: int, d: int):
-    """The kernel's units of work: ``(s0, s1)`` ranges of sequences ``s = d * B + b`` it advances together."""
-    nb = int(load().arnn_block())
+def _blocks(b: int, d: int, nb: int):
+    """The kernel's units of work: ``(s0, s1)`` ranges of ``nb`` sequences ``s = d * B + b`` it advances together."""
     return [(k * b + b0, k * b + min(b0 + nb, b)) for k in range(d) for b0 in range(0, b, nb)]
 
 
@@ -208,8 +207,8 @@ def _run_blocks(lib, name: str, args: list, b: int, d: int) -> None:
     the blocks it does not get to.
     """
     global _pool
-    nb = int(lib.arnn_block())
-    workers = max(1, min(torch.get_num_threads(), d * -(-b // nb)))
+    blocks = _blocks(b, d, int(lib.arnn_block()))
+    workers = max(1, min(torch.get_num_threads(), len(blocks)))
     if workers == 1:
         _ok(getattr(lib, name)(*args, ctypes.c_int(0), ctypes.c_int(d * b)))
         return
@@ -218,7 +217,6 @@ def _run_blocks(lib, name: str, args: list, b: int, d: int) -> None:
         _ok(getattr(lib, f"{base}_par_{dtype}")(*args, ctypes.c_int(d), ctypes.c_int(workers)))
         return
     fn = getattr(lib, name)
-    blocks = _blocks(b, d)
     if _pool is None or _pool._max_workers < workers - 1:
         _pool = ThreadPoolExecutor(max_workers=workers - 1)
     todo = iter(blocks)
