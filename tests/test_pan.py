@@ -279,3 +279,21 @@ def test_curve_point_measures_masks_answers_and_gradients():
     assert p["correctness"] == pytest.approx(mask_correctness(masks, target).mean().item(), rel=1e-5)
     # The constant masks of the uniform-mask accuracy are gone afterwards.
     assert all(len(m._forward_hooks) == 0 for m in model.attention.values())
+
+
+@pytest.mark.parametrize("kind", ["ctx", "arnn"])
+def test_mask_bias_shifts_the_gate_logits(kind):
+    x, q = _batch()
+    torch.manual_seed(0)
+    plain = PAN(kind, image_size=SIZE).eval()
+    torch.manual_seed(0)
+    shifted = PAN(kind, image_size=SIZE, mask_bias=2.0).eval()
+    _, m0 = plain(x, q)
+    _, m2 = shifted(x, q)
+    # Same weights: the first mask's logits move by exactly the bias (later
+    # layers see features gated by the shifted masks, so only the first is exact).
+    torch.testing.assert_close(torch.logit(m2[0].double()) - torch.logit(m0[0].double()),
+                               torch.full_like(m0[0], 2.0, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert m2[0].mean() > 0.8 > 0.6 > m0[0].mean()
+    with pytest.raises(ValueError, match="PAN: mask_bias"):
+        PAN(kind, image_size=SIZE, mask_bias=float("nan"))

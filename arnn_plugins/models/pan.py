@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arnn import AttentionRNN, BlockAttentionRNN
-from ..checks import check_choice, check_image, check_int, check_odd_kernel, check_query
+from ..checks import check_choice, check_float, check_image, check_int, check_odd_kernel, check_query
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -145,6 +145,9 @@ class PAN(nn.Module):
         head_query: append the one-hot query to the head's input. Without
             it (PAN's classifier) the query reaches the answer only through
             the masks.
+        mask_bias: added to every sigmoid mask's logits, so masks start near
+            ``sigmoid(mask_bias)`` (0.5 by default; 2.0 starts them open at
+            0.88). The softmax readout's last layer ignores it.
         backend: ARNN recurrence backend.
         arnn_kwargs: more options for the ARNN layers.
 
@@ -170,6 +173,7 @@ class PAN(nn.Module):
         head_hidden: int = 64,
         readout: str = "flatten",
         head_query: bool = True,
+        mask_bias: float = 0.0,
         backend: str = "auto",
         arnn_kwargs: Optional[Dict] = None,
     ) -> None:
@@ -189,6 +193,7 @@ class PAN(nn.Module):
         self.attention_kind = attention
         self.readout = readout
         self.head_query = bool(head_query)
+        self.mask_bias = check_float("PAN", "mask_bias", mask_bias)
         self.num_classes, self.num_queries = num_classes, num_queries
         self.image_size, self.in_channels = image_size, in_channels
         self.map_sizes = tuple(sizes)
@@ -277,7 +282,7 @@ class PAN(nn.Module):
                 masks.append(p)
                 x = (x * p).sum(dim=(2, 3))  # attended feature vector (B, C)
             else:
-                m = torch.sigmoid(a)
+                m = torch.sigmoid(a + self.mask_bias if self.mask_bias else a)
                 masks.append(m)
                 if i == last and self.readout == "pool":
                     # Mask-weighted average: the features where the last mask points.
