@@ -114,6 +114,10 @@ def _per_location(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
         weight = module.weight.flatten(1)
         return weight @ x if module.bias is None else torch.addmm(module.bias[:, None], weight, x)
+    if type(module) is nn.Tanh:
+        # tanh(x) = 2 sigmoid(2x) - 1: on CPU torch's tanh took 8x sigmoid's
+        # time (0.88 against 0.11 ms for 16 x 16384 floats, one thread).
+        return torch.sigmoid(2 * x) * 2 - 1
     return module(x)
 
 
