@@ -186,3 +186,19 @@ def test_bench_tables_warn_when_their_figures_cannot_be_trusted(capsys):
     assert "medians of 1 repeat(s)" in timing_warning(good, 1)
     assert main(["bench", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_profile_parts_time_each_attention_module_at_its_step_shape():
+    pytest.importorskip("timm")
+    from arnn_plugins.experiments.profiling import attention_parts, format_parts
+
+    rows = attention_parts(batch=2, size=32, threads=1, repeats=1)
+    # ResNet18's four stages, two blocks each, at maps of 8, 4, 2 and 1 for a 32 px input.
+    assert [r["name"] for r in rows] == [f"layer{s}.{b}.se.spatial" for s in range(1, 5) for b in range(2)]
+    assert [r["shape"] for r in rows[::2]] == [(2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2), (2, 512, 1, 1)]
+    for r in rows:
+        assert min(r["cbam"], r["arnn"], r["context"], r["scan"]) > 0
+        assert r["rest"] == pytest.approx(r["arnn"] - r["context"] - r["scan"])
+    table = format_parts(rows, step_ms=100.0, title="t")
+    total = sum(r["arnn"] - r["cbam"] for r in rows)
+    assert "| total |" in table and f"take {total:.1f} ms more than CBAM's, {total:.1f}% of" in table

@@ -8,17 +8,24 @@ on a shared machine the others carry other processes' load). Printed: each model
 self CPU time side by side, so that a change to the scan or to what surrounds
 it is measured the same way each time. Self CPU is the time spent in an
 operator minus its children: the totals add up to the step.
+
+Then :func:`attention_parts`: each spatial-attention module of both models
+timed alone (forward + backward at its input shape in the step), and the
+ARNN module split into its context conv, its scan and the rest, so the
+difference between the two models is laid out by part.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["profile_step", "profile_models", "format_profile", "run_profile"]
+__all__ = ["profile_step", "profile_models", "format_profile", "attention_parts", "format_parts", "run_profile"]
 
 
 @contextlib.contextmanager
@@ -120,6 +127,104 @@ def format_profile(res: Dict[str, Dict[str, Tuple[int, float]]], top: int = 25, 
     return "\n".join(lines).lstrip("\n")
 
 
+def _spatial_modules(model: torch.nn.Module, x: torch.Tensor) -> List[Tuple[str, torch.nn.Module, tuple]]:
+    """``(name, module, input shape)`` of each CBAM spatial branch (``*.se.spatial``), in forward order."""
+    found, hooks = [], []
+    for name, mod in model.named_modules():
+        if name.endswith("se.spatial"):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, args, name=name: found.append((name, m, tuple(args[0].shape)))))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train()
+    return found
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], inputs: List[torch.Tensor]) -> Callable[[], None]:
+    # autograd.grad, not backward: nothing accumulates into .grad between repeats.
+    def run():
+        out = fn()
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+    return run
+
+
+def attention_parts(batch: int = 16, size: int = 128, threads: Optional[int] = 2, backend: str = "auto",
+                    repeats: int = 20) -> List[Dict[str, object]]:
+    """Forward + backward ms of each spatial-attention module of the two profiled models, by part.
+
+    For each ``*.se.spatial`` module, at the input shape ``(B, C, h, w)`` it
+    sees in the train step: CBAM's branch, ARNN's branch, and of the ARNN
+    branch its context conv and its scan (:func:`~arnn_plugins.ops.diagonal_lstm`
+    on gate inputs of the layer's layout); ``rest`` is the branch minus the
+    two (input projection, heads, combiner, gate, layout work). Gradients are
+    taken for the input and the parameters; medians of ``repeats`` repeats
+    taken round-robin over all cases.
+
+    Returns:
+        one dict per module: ``name``, ``shape`` and ms for ``cbam``,
+        ``arnn``, ``context``, ``scan``, ``rest``.
+    """
+    from ..ops import diagonal_lstm
+
+    torch.manual_seed(0)
+    img = torch.randn(batch, 3, size, size)
+    models = _models(backend)
+    cbam = _spatial_modules(models["resnet18+cbam"], img)
+    arnn = _spatial_modules(models["resnet18+cbam+arnn"], img)
+    cases: Dict[Tuple[int, str], Callable[[], None]] = {}
+    rows = []
+    with _threads(threads):
+        for i, ((name, cmod, shape), (_, amod, _)) in enumerate(zip(cbam, arnn)):
+            x = torch.randn(shape, requires_grad=True)
+            layer = amod.arnn
+            t = layer.hidden_channels
+            b, _, h, w = shape
+            gx = torch.randn(2, b, h, w, 4 * t).permute(1, 0, 4, 2, 3).requires_grad_()
+            cases[i, "cbam"] = _fwd_bwd(lambda m=cmod, x=x: m(x), [x, *cmod.parameters()])
+            cases[i, "arnn"] = _fwd_bwd(lambda m=amod, x=x: m(x), [x, *amod.parameters()])
+            cases[i, "context"] = _fwd_bwd(lambda m=layer.context, x=x: m(x), [x, *layer.context.parameters()])
+            cases[i, "scan"] = _fwd_bwd(lambda gx=gx, layer=layer: diagonal_lstm(gx, layer.weight_hh, layer.backend),
+                                        [gx, layer.weight_hh])
+            rows.append({"name": name, "shape": shape})
+        for fn in cases.values():  # warm-up
+            fn()
+        times: Dict[Tuple[int, str], List[float]] = {k: [] for k in cases}
+        for _ in range(max(1, repeats)):
+            for k, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    for (i, part), ts in times.items():
+        rows[i][part] = statistics.median(ts)
+    for r in rows:
+        r["rest"] = r["arnn"] - r["context"] - r["scan"]
+    return rows
+
+
+def format_parts(rows: List[Dict[str, object]], step_ms: Optional[float] = None, title: str = "") -> str:
+    """Markdown table of :func:`attention_parts`, with a total row (and shares of ``step_ms``)."""
+    parts = ("cbam", "arnn", "context", "scan", "rest")
+    lines = [f"**{title}**" if title else "", "",
+             "| module | input | CBAM spatial ms | ARNN spatial ms | context conv ms | scan ms | rest ms |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {'x'.join(map(str, r['shape']))} | "
+                     + " | ".join(f"{r[p]:.2f}" for p in parts) + " |")
+    total = {p: sum(r[p] for r in rows) for p in parts}
+    lines.append("| total | | " + " | ".join(f"{total[p]:.1f}" for p in parts) + " |")
+    if step_ms:
+        extra = total["arnn"] - total["cbam"]
+        lines += ["", f"ARNN's branches take {extra:.1f} ms more than CBAM's, {100 * extra / step_ms:.1f}% of the "
+                      f"+CBAM step's self CPU ({step_ms:.1f} ms); of the ARNN branches, the context convs alone are "
+                      f"{100 * total['context'] / step_ms:.1f}% of it, the scans {100 * total['scan'] / step_ms:.1f}% "
+                      f"and the rest beyond what CBAM's whole branch costs {100 * (total['rest'] - total['cbam']) / step_ms:.1f}%."]
+    return "\n".join(lines).lstrip("\n")
+
+
 def run_profile(batch: int = 16, size: int = 128, threads: Optional[int] = 2, backend: str = "auto",
                 top: int = 25, progress: Optional[Callable[[str], None]] = None) -> str:
     """:func:`profile_models` formatted by :func:`format_profile`."""
@@ -127,4 +232,9 @@ def run_profile(batch: int = 16, size: int = 128, threads: Optional[int] = 2, ba
     nthreads = threads or torch.get_num_threads()
     title = (f"torch.profiler, one timm ResNet18 train step, batch {batch}, {size}x{size}, cpu, "
              f"{nthreads} threads, backend {backend}")
-    return format_profile(res, top, title)
+    if progress:
+        progress("attention modules by part")
+    parts = attention_parts(batch, size, threads, backend)
+    ptitle = (f"The spatial-attention modules alone, forward + backward, {nthreads} threads "
+              f"(medians of 20 interleaved repeats)")
+    return format_profile(res, top, title) + "\n\n" + format_parts(parts, res["resnet18+cbam"]["total"][1], ptitle)
