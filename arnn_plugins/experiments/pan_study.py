@@ -3,7 +3,7 @@
 ``python -m arnn_plugins.experiments.pan_study --kinds ctx arnn --iters 600
 --set lr=1e-3 --set readout=softmax --out work_dirs/study/softmax`` trains
 each kind (and seed) at the demo's layout with the changes given, one torch
-thread per run, ``--jobs`` runs at once, and every ``--every`` steps records
+thread per run (``--threads``), ``--jobs`` runs at once, and every ``--every`` steps records
 :func:`~arnn_plugins.engine.pan.curve_point`: accuracy, mask correctness
 of the product and of each layer, each layer's mask entropy (1 = uniform)
 and mean, the accuracy with every mask replaced by a constant (how much
@@ -64,7 +64,7 @@ def format_curve(curve: Sequence[dict]) -> str:
 
 def run_study(kinds: Sequence[str] = ("ctx", "arnn"), seeds: Sequence[int] = (0,), every: int = 100,
               jobs: int = 2, out: Optional[str] = None, scale: str = "default", model: Optional[dict] = None,
-              task: str = "color", log=print, **changes) -> Dict[str, object]:
+              task: str = "color", log=print, threads: int = 1, **changes) -> Dict[str, object]:
     """Train ``kinds`` x ``seeds`` at :data:`DEMO_SCALES` ``[scale]`` with ``changes``; curves and final metrics."""
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -89,7 +89,7 @@ def run_study(kinds: Sequence[str] = ("ctx", "arnn"), seeds: Sequence[int] = (0,
     t0 = time.perf_counter()
     runs: List[dict] = []
     with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_job, cfg.to_dict(), 1): key for key, cfg in configs}
+        futures = {pool.submit(_job, cfg.to_dict(), threads): key for key, cfg in configs}
         for fut in cf.as_completed(futures):
             kind, seed = futures[fut]
             res = fut.result()
@@ -98,7 +98,7 @@ def run_study(kinds: Sequence[str] = ("ctx", "arnn"), seeds: Sequence[int] = (0,
             log(f"\n{kind} seed {seed}: accuracy {100 * m['accuracy']:.1f}%  correctness {m['correctness']:.3f}  "
                 f"{m['sec_per_step']:.3f} s/step")
             log(format_curve(res["curve"]))
-    settings = dict(dataclasses.asdict(sc), model=model or {}, every=every, wall_s=time.perf_counter() - t0)
+    settings = dict(dataclasses.asdict(sc), model=model or {}, every=every, threads=threads, wall_s=time.perf_counter() - t0)
     result = {"settings": settings, "runs": sorted(runs, key=lambda r: (r["kind"], r["seed"]))}
     with open(osp.join(out, "study.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
@@ -119,6 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--iters", type=int, default=600)
     p.add_argument("--every", type=int, default=100, help="steps between measurements")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--task", default="color", choices=["color", "digit"], help="digit: the inverse task")
     p.add_argument("--scale", default="default", choices=list(DEMO_SCALES))
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="Scale fields, e.g. lr=1e-3")
@@ -127,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(argv)
     changes = {k: _value(v) for k, v in (s.split("=", 1) for s in a.set)}
     model = {k: _value(v) for k, v in (s.split("=", 1) for s in a.model)}
-    run_study(a.kinds, a.seeds, a.every, a.jobs, a.out, a.scale, model, a.task, iters=a.iters, **changes)
+    run_study(a.kinds, a.seeds, a.every, a.jobs, a.out, a.scale, model, a.task, threads=a.threads, iters=a.iters, **changes)
     return 0
 
 

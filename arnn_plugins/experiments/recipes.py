@@ -62,6 +62,7 @@ class Scale:
     scale_range: Tuple[float, float] = (0.5, 3.0)  # digit scales (the paper: 0.5-3.0)
     readout: str = "flatten"  # PAN head: "flatten" or "pool" (mask-weighted average)
     head_query: bool = True  # the head sees the one-hot query too (PAN's classifier sees only the attended feature)
+    mask_bias: float = 0.0  # added to the sigmoid masks' logits: masks start near sigmoid(mask_bias)
     variants: Tuple[str, ...] = ("mref", "mdist", "mbg")
     kinds: Tuple[str, ...] = TABLE1_KINDS
     inverse_kinds: Tuple[str, ...] = INVERSE_KINDS
@@ -145,7 +146,8 @@ def pan_config(attention: str, scale: Scale, *, variant: str = "mbg", task: str 
         model=dict(type="PANModel", attention=attention, image_size=sc.size, num_classes=nc, num_queries=nq,
                    hidden_channels=sc.hidden, channels=sc.channels, num_stacks=sc.num_stacks,
                    batch_norm=sc.batch_norm, readout=sc.readout,
-                   **({} if sc.head_query else dict(head_query=False))),
+                   **({} if sc.head_query else dict(head_query=False)),
+                   **(dict(mask_bias=sc.mask_bias) if sc.mask_bias else {})),
         train_dataloader=dict(loader, batch_size=sc.batch, sampler=dict(type="InfiniteSampler", shuffle=True),
                               dataset=dict(data, split="train", length=sc.n_train)),
         train_cfg=dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters),
