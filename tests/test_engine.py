@@ -517,3 +517,21 @@ def test_metrics_json_is_strict(tmp_path):
     write_metrics_json(str(path), {"pan/accuracy": 0.5, "pan/correctness": float("nan"), "x": float("inf")})
     assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
     assert json.loads(path.read_text()) == {"pan/accuracy": 0.5, "pan/correctness": None, "x": None}
+
+
+def test_pan_study_records_curves_with_the_settings_given(tmp_path):
+    from arnn_plugins.experiments.pan_study import run_study
+
+    res = run_study(("ctx", "arnn"), seeds=(0,), every=1, jobs=1, out=str(tmp_path), scale="quick",
+                    model={"mask_bias": 2.0}, task="digit", log=lambda s: None, threads=1, cache_dir=None,
+                    iters=2, n_train=16, n_test=8, batch=4)
+    with open(tmp_path / "study.json") as f:
+        saved = json.load(f)
+    assert [r["kind"] for r in saved["runs"]] == ["arnn", "ctx"] == [r["kind"] for r in res["runs"]]
+    assert saved["settings"]["threads"] == 1 and saved["settings"]["model"] == {"mask_bias": 2.0}
+    assert saved["settings"]["iters"] == 2
+    for run in saved["runs"]:
+        assert 0 <= run["metrics"]["accuracy"] <= 1
+        assert [p["step"] for p in run["curve"]][-2:] == [1, 2]
+        # The bias reached the model: masks start near sigmoid(2) = 0.88, not 0.5.
+        assert all(m > 0.7 for m in run["curve"][0]["layer_mean"])

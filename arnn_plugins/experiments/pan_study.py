@@ -64,8 +64,14 @@ def format_curve(curve: Sequence[dict]) -> str:
 
 def run_study(kinds: Sequence[str] = ("ctx", "arnn"), seeds: Sequence[int] = (0,), every: int = 100,
               jobs: int = 2, out: Optional[str] = None, scale: str = "default", model: Optional[dict] = None,
-              task: str = "color", log=print, threads: int = 1, **changes) -> Dict[str, object]:
-    """Train ``kinds`` x ``seeds`` at :data:`DEMO_SCALES` ``[scale]`` with ``changes``; curves and final metrics."""
+              task: str = "color", log=print, threads: int = 1, cache_dir: Optional[str] = "default",
+              **changes) -> Dict[str, object]:
+    """Train ``kinds`` x ``seeds`` at :data:`DEMO_SCALES` ``[scale]`` with ``changes``; curves and final metrics.
+
+    ``model`` updates each run's PAN arguments, ``threads`` is torch's thread
+    count in each run, ``cache_dir`` where the data's tensors are cached
+    (``None``: not at all). Returns what ``study.json`` holds.
+    """
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -78,7 +84,7 @@ def run_study(kinds: Sequence[str] = ("ctx", "arnn"), seeds: Sequence[int] = (0,
     for seed in seeds:
         for kind in kinds:
             cfg = pan_config(kind, sc, task=task, seed=seed, data_seed=0, work_dir=osp.join(out, f"{kind}_s{seed}"),
-                             progress=False, checkpoint=False, curve_interval=every)
+                             progress=False, checkpoint=False, curve_interval=every, cache_dir=cache_dir)
             if model:
                 cfg.model.update(model)
             configs.append(((kind, seed), cfg))
