@@ -200,7 +200,9 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
     print()
     what = "MBG^inv: query a colour, answer the digit" if task == "digit" else "MBG: query a digit, answer its colour"
     print(f"PAN on {what} ({sc.size} px with {sc.num_digits[0]}-{sc.num_digits[1]} digits, {sc.n_train} training / "
-          f"{sc.n_test} test items, {sc.iters} steps of {sc.batch}), seeds {list(seeds)}: "
+          f"{sc.n_test} test items, {sc.iters} steps of {sc.batch}"
+          + (f", masks starting at {1 / (1 + math.exp(-sc.mask_bias)):.2f}" if sc.mask_bias else "")
+          + f"), seeds {list(seeds)}: "
           f"mean ± sample std over seeds, {threads} torch thread(s) per run")
     print(f"{'attention':<10} {'accuracy':>14} {'mask corr.':>15} {'s/step':>15}   per-layer corr., first to last")
     for kind, r in results.items():
