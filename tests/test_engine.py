@@ -200,6 +200,12 @@ def test_demo_trains_both_kinds_per_seed_prints_spreads_writes_files(tmp_path, c
     assert "with 2-3 digits" in text and "query a colour, answer the digit" in text
     assert re.search(r"^blind\s+\d+\.\d%\s+0\.\d{3}\s", text, re.M)
     assert re.search(r"mask correctness higher in \d/2 seeds, accuracy higher in \d/2", text)
+    # The count of runs above the query-blind accuracy, per kind, is that of the per-seed figures.
+    blind = json.loads((wd / "results.json").read_text())["blind_accuracy"]
+    left = re.search(r"left the query-blind plateau \(accuracy above the blind level\): ARNN in (\d)/2 seeds, "
+                     r"CTX in (\d)/2", text)
+    assert left and [int(n) for n in left.groups()] == [
+        sum(res[k]["per_seed"][s]["accuracy"] > blind for s in (0, 1)) for k in ("arnn", "ctx")]
     assert set(res) == {"ctx", "arnn"} and all(r["sec_per_step"] > 0 for r in res.values())
     assert set(res["arnn"]["per_seed"]) == {0, 1} and "accuracy_sd" in res["arnn"]
     assert Image.open(out).size[0] > 32 * 2 * 9  # input + (4 layers + product) x 2 models
