@@ -101,5 +101,10 @@ def test_curves_from_a_demo_folder_and_an_mmengine_work_dir(tmp_path):
     out = tmp_path / "curves.png"
     plots.curves_png({**curves, **{"arnn (work dir)": got["arnn"]}}, str(out), levels={"correctness": 0.053})
     assert out.stat().st_size > 0
+    # A title longer than the figure is wide wraps and stays inside it.
+    title = "PAN on MBG^inv: query a colour, answer the digit, test accuracy and mask correctness along training " * 2
+    fig = plots.curves_figure(curves, title=title)
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert "\n" in fig._suptitle.get_text() and 0 <= box.x0 and box.x1 <= fig.bbox.width
     with pytest.raises(FileNotFoundError, match="no curves.json"):
         plots.read_curves(str(tmp_path))

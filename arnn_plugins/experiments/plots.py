@@ -9,12 +9,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import textwrap
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-__all__ = ["read_curves", "curves_png", "reproduce_curves_pngs", "dependency_maps", "dependency_png"]
+__all__ = ["read_curves", "curves_png", "curves_figure", "reproduce_curves_pngs", "dependency_maps", "dependency_png"]
 
 Point = Dict[str, float]
 # kind -> points, or kind -> seed -> points; a point has "step" and metrics.
@@ -62,12 +63,21 @@ def _runs(series) -> List[Sequence[Point]]:
 
 def curves_png(curves: Curves, path: str, metrics: Sequence[str] = ("accuracy", "correctness"),
                levels: Optional[Mapping[str, float]] = None, title: str = "") -> None:
-    """Plot each metric against training steps, one line per kind (mean over seeds, band = min to max).
+    """Write :func:`curves_figure` to the PNG ``path``."""
+    curves_figure(curves, metrics, levels, title).savefig(path)
+
+
+def curves_figure(curves: Curves, metrics: Sequence[str] = ("accuracy", "correctness"),
+                  levels: Optional[Mapping[str, float]] = None, title: str = ""):
+    """Each metric against training steps, one line per kind (mean over seeds, band = min to max).
 
     Args:
         curves: kind -> points, or kind -> seed -> points (:func:`read_curves`).
         levels: optional metric -> a reference level drawn dashed (e.g. the
             uniform mask's correctness).
+
+    Returns:
+        a matplotlib ``Figure``, one panel per metric.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -99,9 +109,10 @@ def curves_png(curves: Curves, path: str, metrics: Sequence[str] = ("accuracy", 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        # About 13 characters of 9 pt text per inch: a long title wraps instead of running off the figure.
+        fig.suptitle(textwrap.fill(title, width=int(13 * 4.2 * len(metrics))), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
 def reproduce_curves_pngs(results: Mapping, out_dir: str) -> List[str]:
