@@ -279,11 +279,13 @@ def _cmd_plot(args) -> int:
     else:
         if not args.runs:
             raise ValueError("plot curves: give one or more run folders (a demo's --work-dir, an mmengine work dir)")
-        curves = {}
+        curves, levels = {}, {}
         for run in args.runs:
             for kind, series in plots.read_curves(run).items():
                 curves[kind if kind not in curves else f"{kind} ({run})"] = series
-        plots.curves_png(curves, args.out)
+            # The first folder's level: folders of one task share the test set.
+            levels = levels or plots.read_levels(run)
+        plots.curves_png(curves, args.out, levels=levels)
     print(f"written {args.out}")
     return 0
 

@@ -106,5 +106,17 @@ def test_curves_from_a_demo_folder_and_an_mmengine_work_dir(tmp_path):
     fig = plots.curves_figure(curves, title=title)
     box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
     assert "\n" in fig._suptitle.get_text() and 0 <= box.x0 and box.x1 <= fig.bbox.width
+    # The demo's folder records the uniform level; `plot curves` draws it (dashed) from there.
+    assert plots.read_levels(str(demo)) == {} and plots.read_levels(str(work)) == {}
+    (demo / "results.json").write_text(json.dumps({"uniform_correctness": 0.053}))
+    assert plots.read_levels(str(demo)) == {"correctness": 0.053}
+    fig = plots.curves_figure(curves, levels=plots.read_levels(str(demo)))
+    dashed = [ln for ln in fig.axes[1].get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [0.053, 0.053]
+    assert not [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    from arnn_plugins.cli import main
+
+    png = tmp_path / "cli_curves.png"
+    assert main(["plot", "curves", str(demo), str(work), "--out", str(png)]) == 0 and png.stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="no curves.json"):
         plots.read_curves(str(tmp_path))

@@ -15,7 +15,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["read_curves", "curves_png", "curves_figure", "reproduce_curves_pngs", "dependency_maps", "dependency_png"]
+__all__ = ["read_curves", "read_levels", "curves_png", "curves_figure", "reproduce_curves_pngs", "dependency_maps", "dependency_png"]
 
 Point = Dict[str, float]
 # kind -> points, or kind -> seed -> points; a point has "step" and metrics.
@@ -55,6 +55,21 @@ def read_curves(run_dir: str) -> Curves:
     if not points:
         raise FileNotFoundError(f"{run_dir}: no curves.json and no mmengine scalars with an accuracy")
     return {os.path.basename(os.path.normpath(run_dir)): sorted(points, key=lambda p: p["step"])}
+
+
+def read_levels(run_dir: str) -> Dict[str, float]:
+    """Reference levels a run folder records: ``{"correctness": u}`` from a demo's ``results.json``.
+
+    ``u`` is the uniform mask's correctness on the folder's test set; a
+    folder without one (an mmengine work dir, a reproduction) gives ``{}``.
+    """
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        uniform = json.load(f).get("uniform_correctness")
+    # A reproduction keeps one level per table part (a dict): no single line to draw.
+    return {"correctness": float(uniform)} if isinstance(uniform, (int, float)) else {}
 
 
 def _runs(series) -> List[Sequence[Point]]:
