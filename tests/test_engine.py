@@ -331,6 +331,10 @@ def test_reproduce_scales_cover_the_papers_tables():
     assert long.iters > small.iters and len(long.seeds) >= 2
     assert (long.size, long.n_train, long.num_digits, long.scale_range, long.readout) == (
         small.size, small.n_train, small.num_digits, small.scale_range, small.readout)
+    # ... with the demo's masks, which start open.
+    from arnn_plugins.experiments import DEMO_SCALES
+
+    assert long.mask_bias == DEMO_SCALES["default"].mask_bias > 0
 
 
 def test_reproduce_full_layout_runs_on_a_custom_scale(tmp_path):
@@ -349,6 +353,10 @@ def test_reproduce_full_layout_runs_on_a_custom_scale(tmp_path):
             "correctness_l1", "correctness_l2", "correctness_l3", "correctness_l4"]  # 50, 25, 12, 6 px maps
     md = (tmp_path / "results.md").read_text()
     assert "100 px images with 5-9 digits at scales 0.5-3" in md and "readout `flatten`" in md
+    from arnn_plugins.experiments.reproduce import format_tables
+
+    assert "masks starting" not in md  # the tables say where masks start only when they do not start at 0.5
+    assert "masks starting at 0.88" in format_tables(dict(res, scale=dict(res["scale"], mask_bias=2.0)))
     # A larger plan on the same sizes trains only the new runs; the old ones come back as they were.
     trained = []
     more = replace(sc, seeds=(0, 1), inverse_kinds=())

@@ -79,7 +79,9 @@ def format_tables(results: dict) -> str:
     nd, sr = sc.get("num_digits", (5, 9)), sc.get("scale_range", (0.5, 3.0))
     lines = [f"Scale `{results['scale_name']}`: {sc['size']} px images with {nd[0]}-{nd[1]} digits at scales "
              f"{sr[0]:g}-{sr[1]:g}, {sc['n_train']} training / {sc['n_test']} test items, {sc['iters']} iterations "
-             f"of batch {sc['batch']}, PAN readout `{sc.get('readout', 'flatten')}`, seeds {list(sc['seeds'])}; "
+             f"of batch {sc['batch']}, PAN readout `{sc.get('readout', 'flatten')}`"
+             + (f", masks starting at {1 / (1 + math.exp(-sc['mask_bias'])):.2f}" if sc.get("mask_bias") else "")
+             + f", seeds {list(sc['seeds'])}; "
              "mean ± sample std over seeds. Paper values in brackets.", ""]
     variants = list(sc["variants"])
     lines += ["**Table 1** colour accuracy (%)", "",
