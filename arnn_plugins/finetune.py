@@ -29,14 +29,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .arnn import AttentionRNN, BlockAttentionRNN
 from .gate import ARNNGate
-from .serialization import CheckpointError, checkpoint_safe_globals, read_checkpoint, safe_checkpoint_globals
+from .serialization import (CheckpointError, checkpoint_safe_globals, key_differences, read_checkpoint,
+                            safe_checkpoint_globals, summarise_keys)
 
 __all__ = [
     "ARNN_MODULE_TYPES",
@@ -180,12 +181,6 @@ def _ignored_prefixes(model: nn.Module) -> List[str]:
     return out
 
 
-def _summarise(keys: Iterable[str], limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def load_pretrained(
     model: nn.Module,
     state_dict_or_path: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
@@ -235,22 +230,17 @@ def load_pretrained(
     dropped = set(report.ignored)
     ckpt = {k: v for k, v in sd.items() if not excluded(k) and k not in dropped}
 
-    missing = [k for k in own if k not in ckpt and not excluded(k)]
+    missing, unexpected, mismatched = key_differences(own, ckpt)
+    missing = [k for k in missing if not excluded(k)]
     report.missing_arnn = [k for k in missing if any(_under(k, p) for p in arnn_prefixes)]
     other_missing = [k for k in missing if k not in report.missing_arnn]
-    unexpected = [k for k in ckpt if k not in own]
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in ckpt.items()
-        if k in own and v.shape != own[k].shape
-    ]
     problems = []
     if other_missing:
-        problems.append(f"missing keys that are not ARNN's: {_summarise(other_missing)}")
+        problems.append(f"missing keys that are not ARNN's: {summarise_keys(sorted(other_missing))}")
     if unexpected:
-        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+        problems.append(f"unexpected keys: {summarise_keys(sorted(unexpected))}")
     if mismatched:
-        problems.append(f"shape mismatches: {_summarise(mismatched, 4)}")
+        problems.append(f"shape mismatches: {summarise_keys(sorted(mismatched), 4)}")
     if problems:
         raise ValueError(
             f"load_pretrained: checkpoint does not fit {type(model).__name__} "

@@ -14,11 +14,12 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Any, List, Union
+from typing import Any, Iterable, List, Mapping, Tuple, Union
 
 import torch
 
-__all__ = ["CheckpointError", "checkpoint_safe_globals", "read_checkpoint", "safe_checkpoint_globals"]
+__all__ = ["CheckpointError", "checkpoint_safe_globals", "key_differences", "read_checkpoint", "safe_checkpoint_globals",
+           "summarise_keys"]
 
 
 class CheckpointError(ValueError):
@@ -166,3 +167,28 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, OSError, EOFError, UnpicklingError, KeyError, ...
         raise _load_error(path, size, e) from None
+
+
+def key_differences(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
+                    ) -> Tuple[List[str], List[str], List[str]]:
+    """How ``state_dict`` differs from a model's ``own`` state dict, in the model's key order.
+
+    Returns:
+        ``(missing, unexpected, mismatched)``: keys of ``own`` not in
+        ``state_dict``, keys of ``state_dict`` not in ``own``, and
+        ``"key: checkpoint (shape) vs model (shape)"`` for shared keys whose
+        shapes differ.
+    """
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    return missing, unexpected, mismatched
+
+
+def summarise_keys(keys: Iterable[str], limit: int = 8) -> str:
+    """The first ``limit`` of ``keys`` in the order given, comma-separated, and how many more there are."""
+    keys = list(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+

@@ -35,7 +35,7 @@ import torch.nn as nn
 from mmengine.dist import master_only
 from mmengine.runner import Runner
 
-from ..serialization import CheckpointError, read_checkpoint
+from ..serialization import CheckpointError, key_differences, read_checkpoint, summarise_keys
 
 __all__ = [
     "CheckpointRunner",
@@ -193,25 +193,16 @@ def state_dict_of(checkpoint: Any, path: str = "checkpoint") -> "OrderedDict[str
     return OrderedDict((re.sub(r"^module\.", "", k), v) for k, v in sd.items())
 
 
-def _summary(keys: List[str], limit: int = 6) -> str:
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def state_dict_problems(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> List[str]:
     """What keeps ``state_dict`` from loading strictly into ``model``: missing, unexpected, mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state_dict.items()
-              if k in own and v.shape != own[k].shape]
+    missing, unexpected, shapes = key_differences(model.state_dict(), state_dict)
     out = []
     if missing:
-        out.append(f"{len(missing)} missing key(s): {_summary(missing)}")
+        out.append(f"{len(missing)} missing key(s): {summarise_keys(missing, 6)}")
     if unexpected:
-        out.append(f"{len(unexpected)} unexpected key(s): {_summary(unexpected)}")
+        out.append(f"{len(unexpected)} unexpected key(s): {summarise_keys(unexpected, 6)}")
     if shapes:
-        out.append(f"{len(shapes)} shape mismatch(es): {_summary(shapes, 4)}")
+        out.append(f"{len(shapes)} shape mismatch(es): {summarise_keys(shapes, 4)}")
     return out
 
 
