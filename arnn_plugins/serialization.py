@@ -171,7 +171,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
 
 def key_differences(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
                     ) -> Tuple[List[str], List[str], List[str]]:
-    """How ``state_dict`` differs from a model's ``own`` state dict, in the model's key order.
+    """How ``state_dict`` differs from a model's ``own`` state dict (keys in the order of their dict).
 
     Returns:
         ``(missing, unexpected, mismatched)``: keys of ``own`` not in
