@@ -100,12 +100,12 @@ SCALES: Dict[str, Scale] = {
 DEMO_TASK = "digit"
 _DEMO = dict(seeds=(0,), variants=("mbg",), kinds=("ctx", "arnn"), inverse_kinds=(), **_SMALL_LAYOUT)
 DEMO_SCALES: Dict[str, Scale] = {
-    # Per run 1000 steps on one thread (CTX about 0.1 s a step, ARNN about 0.16 on an idle core); the demo trains
-    # both kinds for three seeds, two runs at once: about 8 minutes on two idle cores. In MBG^inv both kinds
+    # Per run 1000 steps on one thread (CTX about 0.1 s a step, ARNN 0.12-0.16 on an idle core); the demo trains
+    # both kinds for three seeds, two runs at once: about 8 minutes on two cores. In MBG^inv both kinds
     # start on a plateau at the query-blind level; by 1000 steps ARNN has left it in each demo seed.
     "default": Scale(n_train=20000, n_test=500, iters=1000, batch=32, mask_bias=MASK_BIAS, **_DEMO,
                      note="arnn-plugins demo"),
-    # With the outline task at 400 steps, about three minutes on two idle cores: too short for either PAN kind
+    # With the outline task at 400 steps, under two minutes on two idle cores: too short for either PAN kind
     # to leave the plateau.
     "quick": Scale(n_train=2000, n_test=300, iters=150, batch=32, mask_bias=MASK_BIAS, **_DEMO,
                    note="arnn-plugins demo --quick"),
