@@ -182,8 +182,18 @@ def test_reproduce_tiny_writes_tables_and_json(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
+def test_plateau_line_counts_the_seeds_above_the_blind_level_per_kind():
+    from arnn_plugins.experiments.demo import plateau_line
+
+    arnn = {0: {"accuracy": 0.88}, 1: {"accuracy": 0.66}, 2: {"accuracy": 0.87}}
+    ctx = {0: {"accuracy": 0.29}, 1: {"accuracy": 0.76}, 2: {"accuracy": 0.416}}  # seed 2 at the level: not above
+    assert plateau_line({"ARNN": arnn, "CTX": ctx}, (0, 1, 2), 0.416) == (
+        "left the query-blind plateau (accuracy above the blind level): ARNN in 3/3 seeds, CTX in 1/3")
+    assert plateau_line({"ARNN": arnn, "CTX": ctx}, (1,), 0.7).endswith("ARNN in 0/1 seeds, CTX in 1/1")
+
+
 def test_demo_trains_both_kinds_per_seed_prints_spreads_writes_files(tmp_path, capsys):
-    from arnn_plugins.experiments.demo import run_pan_demo
+    from arnn_plugins.experiments.demo import plateau_line, run_pan_demo
 
     out = tmp_path / "demo.png"
     wd = tmp_path / "wd"
@@ -198,14 +208,11 @@ def test_demo_trains_both_kinds_per_seed_prints_spreads_writes_files(tmp_path, c
     rows = [line for line in pan_part.splitlines() if line.startswith(("ctx ", "arnn "))]
     assert len(rows) == 2 and all(row.count(" / ") == 3 and row.count("±") == 3 + 4 for row in rows)
     assert "with 2-3 digits" in text and "query a colour, answer the digit" in text
+    assert "masks starting at 0.88" in text  # the demo's masks start open
     assert re.search(r"^blind\s+\d+\.\d%\s+0\.\d{3}\s", text, re.M)
     assert re.search(r"mask correctness higher in \d/2 seeds, accuracy higher in \d/2", text)
-    # The count of runs above the query-blind accuracy, per kind, is that of the per-seed figures.
     blind = json.loads((wd / "results.json").read_text())["blind_accuracy"]
-    left = re.search(r"left the query-blind plateau \(accuracy above the blind level\): ARNN in (\d)/2 seeds, "
-                     r"CTX in (\d)/2", text)
-    assert left and [int(n) for n in left.groups()] == [
-        sum(res[k]["per_seed"][s]["accuracy"] > blind for s in (0, 1)) for k in ("arnn", "ctx")]
+    assert plateau_line({"ARNN": res["arnn"]["per_seed"], "CTX": res["ctx"]["per_seed"]}, (0, 1), blind) in text
     assert set(res) == {"ctx", "arnn"} and all(r["sec_per_step"] > 0 for r in res.values())
     assert set(res["arnn"]["per_seed"]) == {0, 1} and "accuracy_sd" in res["arnn"]
     assert Image.open(out).size[0] > 32 * 2 * 9  # input + (4 layers + product) x 2 models

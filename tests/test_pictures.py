@@ -77,7 +77,7 @@ def test_dependency_maps_are_the_raster_scan_past():
     np.testing.assert_array_equal(maps["right pass"], (rows < i) & (cols >= j))
 
 
-def test_curves_from_a_demo_folder_and_an_mmengine_work_dir(tmp_path):
+def test_curves_from_a_demo_folder_and_an_mmengine_work_dir(tmp_path, monkeypatch):
     demo = tmp_path / "demo"
     demo.mkdir()
     curves = {"ctx": {"0": [{"step": 10, "accuracy": 0.5, "correctness": 0.06},
@@ -116,7 +116,10 @@ def test_curves_from_a_demo_folder_and_an_mmengine_work_dir(tmp_path):
     assert not [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
     from arnn_plugins.cli import main
 
+    drawn = []
+    monkeypatch.setattr(plots, "curves_png", lambda curves, path, **kw: drawn.append((sorted(curves), path, kw)))
     png = tmp_path / "cli_curves.png"
-    assert main(["plot", "curves", str(demo), str(work), "--out", str(png)]) == 0 and png.stat().st_size > 0
+    assert main(["plot", "curves", str(demo), str(work), "--out", str(png)]) == 0
+    assert drawn == [(["arnn", "arnn (" + str(work) + ")", "ctx"], str(png), {"levels": {"correctness": 0.053}})]
     with pytest.raises(FileNotFoundError, match="no curves.json"):
         plots.read_curves(str(tmp_path))

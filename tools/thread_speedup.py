@@ -14,10 +14,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from arnn_plugins import AttentionRNN
-from arnn_plugins.experiments.bench import resnet18_models
+from arnn_plugins.experiments.bench import resnet18_models, train_step
 
 
 def cases():
@@ -25,17 +24,8 @@ def cases():
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, 128, 128), torch.randint(0, 100, (16,))
     models = resnet18_models()
-    out = {}
-    for name in ("resnet18+cbam", "resnet18+cbam+arnn"):
-        model = models[name].train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        out[f"{name} train step"] = step
+    out = {f"{name} train step": train_step(models[name].train(), x, y)
+           for name in ("resnet18+cbam", "resnet18+cbam+arnn")}
     conv, xc = torch.nn.Conv2d(128, 128, 3, padding=1), torch.randn(16, 128, 16, 16, requires_grad=True)
     out["conv 128->128 3x3, 16x16 fwd+bwd"] = lambda: conv(xc).sum().backward()
     layer, xa = AttentionRNN(64), torch.randn(16, 64, 32, 32)

@@ -270,6 +270,29 @@ def resnet18_models(backend: str = "auto") -> Dict[str, torch.nn.Module]:
     return models
 
 
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool = False,
+               compile: bool = False) -> Callable[[], None]:
+    """A call that runs one train step of ``model`` on images ``x`` ``(B, 3, H, W)`` and labels ``y`` ``(B,)``.
+
+    Cross-entropy, SGD (lr 0.01, momentum 0.9); ``amp``: autocast (bfloat16
+    on CPU); ``compile``: the model through ``torch.compile``, which the
+    returned call keeps as ``.model``.
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    run = torch.compile(model) if compile else model
+    dev = x.device
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, enabled=amp, dtype=torch.bfloat16 if dev.type == "cpu" else torch.float16):
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        opt.step()
+
+    step.model = run
+    return step
+
+
 def bench_resnet(
     batch: int = 16,
     size: int = 128,
@@ -295,15 +318,8 @@ def bench_resnet(
     fwd, steps, mem, compile_s = {}, {}, {}, {}
     for name, model in models.items():
         model.to(dev).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        model = torch.compile(model) if compile else model
-
-        def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, enabled=amp, dtype=torch.bfloat16 if dev.type == "cpu" else torch.float16):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
+        step = train_step(model, x, y, amp=amp, compile=compile)
+        model = step.model
 
         def f(model=model):
             with torch.no_grad(), torch.autocast(dev.type, enabled=amp):

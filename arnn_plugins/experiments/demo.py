@@ -38,9 +38,9 @@ from ..data import MultiDigitDataset, query_blind_accuracy, uniform_mask_correct
 from .outline import OUTLINE_KINDS, format_outline_table, outline_run
 from .pictures import mask_grid_png, mask_panel_png, pan_masks
 from .plots import curves_png, read_curves
-from .recipes import DEMO_SCALES, DEMO_TASK, KIND_NAMES, curve_points, pan_config, run_pan
+from .recipes import DEMO_SCALES, DEMO_TASK, KIND_NAMES, curve_points, mask_start, pan_config, run_pan
 
-__all__ = ["run_pan_demo", "DEMO_SEEDS", "OUTLINE_STEPS"]
+__all__ = ["run_pan_demo", "plateau_line", "DEMO_SEEDS", "OUTLINE_STEPS"]
 
 DEMO_SEEDS = (0, 1, 2)
 # Training steps of the outline-fill task per model (default, --quick).
@@ -69,6 +69,18 @@ def _mean_sd(values: Sequence[float]):
 def _pm(values: Sequence[float], pct: bool = False, digits: int = 3) -> str:
     m, s = _mean_sd(values)
     return f"{100 * m:.1f} ± {100 * s:.1f}%" if pct else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def plateau_line(per_seed: Dict[str, Dict[int, dict]], seeds: Sequence[int], blind: float) -> str:
+    """How many ``seeds`` of each kind ended above the query-blind accuracy ``blind``, as one line.
+
+    ``per_seed``: kind name -> seed -> metrics with ``"accuracy"``. At the
+    demo's budget this is the steadier difference between the kinds (which
+    seeds' masks come out ahead can change with the machine's arithmetic).
+    """
+    counts = ", ".join(f"{kind} in {sum(r[s]['accuracy'] > blind for s in seeds)}/{len(seeds)}"
+                       + (" seeds" if i == 0 else "") for i, (kind, r) in enumerate(per_seed.items()))
+    return f"left the query-blind plateau (accuracy above the blind level): {counts}"
 
 
 def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str = "work_dirs/demo",
@@ -201,8 +213,7 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
     what = "MBG^inv: query a colour, answer the digit" if task == "digit" else "MBG: query a digit, answer its colour"
     print(f"PAN on {what} ({sc.size} px with {sc.num_digits[0]}-{sc.num_digits[1]} digits, {sc.n_train} training / "
           f"{sc.n_test} test items, {sc.iters} steps of {sc.batch}"
-          + (f", masks starting at {1 / (1 + math.exp(-sc.mask_bias)):.2f}" if sc.mask_bias else "")
-          + f"), seeds {list(seeds)}: "
+          + mask_start(sc.mask_bias) + f"), seeds {list(seeds)}: "
           f"mean ± sample std over seeds, {threads} torch thread(s) per run")
     print(f"{'attention':<10} {'accuracy':>14} {'mask corr.':>15} {'s/step':>15}   per-layer corr., first to last")
     for kind, r in results.items():
@@ -225,11 +236,7 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
         above = sum(a[s]["correctness"] > 1.5 * uniform for s in seeds)
         print(f"per seed, ARNN against CTX: mask correctness higher in {wins_c}/{len(seeds)} seeds, accuracy higher "
               f"in {wins_a}/{len(seeds)}; ARNN's correctness above 1.5x the uniform mask's in {above}/{len(seeds)}")
-        # Which runs left the plateau: at this budget the steadier difference between the kinds
-        # (which seeds' masks come out ahead can change with the machine's arithmetic).
-        left = {k: sum(r[s]["accuracy"] > blind for s in seeds) for k, r in (("ARNN", a), ("CTX", c))}
-        print(f"left the query-blind plateau (accuracy above the blind level): ARNN in {left['ARNN']}/{len(seeds)} "
-              f"seeds, CTX in {left['CTX']}/{len(seeds)}")
+        print(plateau_line({"ARNN": a, "CTX": c}, seeds, blind))
         seed_lines = "; ".join(f"seed {s}: {100 * a[s]['accuracy']:.1f}% / {a[s]['correctness']:.3f} vs "
                                f"{100 * c[s]['accuracy']:.1f}% / {c[s]['correctness']:.3f}" for s in seeds)
         print(f"  (ARNN vs CTX, accuracy / correctness) {seed_lines}")

@@ -125,7 +125,7 @@ def curves_figure(curves: Curves, metrics: Sequence[str] = ("accuracy", "correct
         ax.legend(fontsize=7)
     if title:
         # About 13 characters of 9 pt text per inch: a long title wraps instead of running off the figure.
-        fig.suptitle(textwrap.fill(title, width=int(13 * 4.2 * len(metrics))), fontsize=9)
+        fig.suptitle(textwrap.fill(title, width=int(13 * fig.get_figwidth())), fontsize=9)
     fig.tight_layout()
     return fig
 

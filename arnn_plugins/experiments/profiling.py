@@ -23,7 +23,6 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["profile_step", "profile_models", "format_profile", "attention_parts", "format_parts", "run_profile"]
 
@@ -58,13 +57,10 @@ def profile_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, warmu
     """
     from torch.profiler import ProfilerActivity, profile
 
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    from .bench import train_step
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model.train()
+    step = train_step(model, x, y)
 
     for _ in range(warmup):
         step()

@@ -10,6 +10,7 @@ tests one of its configs with mmengine's Runner.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -27,6 +28,7 @@ __all__ = [
     "pan_config",
     "run_pan",
     "curve_points",
+    "mask_start",
 ]
 
 TABLE1_KINDS = ("san", "noctx", "ctx", "arnn", "arnn_ind", "arnn_sample")
@@ -79,6 +81,11 @@ _SMALL_LAYOUT = dict(size=48, num_digits=(2, 3), scale_range=(1.5, 3.0), readout
 # closes (as CTX's did in the runs that stayed on the plateau). Chosen on the
 # demo's seeds 0-2 and checked on others (docs/demo.md, "Sensitivity").
 MASK_BIAS = 2.0
+def mask_start(mask_bias: float) -> str:
+    """``", masks starting at 0.88"`` for ``mask_bias=2`` (the sigmoid masks' value at init); ``""`` for 0."""
+    return f", masks starting at {1 / (1 + math.exp(-mask_bias)):.2f}" if mask_bias else ""
+
+
 SCALES: Dict[str, Scale] = {
     "tiny": Scale(size=32, n_train=32, n_test=16, iters=2, batch=8, seeds=(0, 1), hidden=4, channels=8,
                   num_stacks=3, variants=("mref", "mbg"), kinds=("san", "ctx", "arnn"), inverse_kinds=("ctx", "arnn"),
