@@ -209,6 +209,7 @@ def test_demo_trains_both_kinds_per_seed_prints_spreads_writes_files(tmp_path, c
     assert len(rows) == 2 and all(row.count(" / ") == 3 and row.count("±") == 3 + 4 for row in rows)
     assert "with 2-3 digits" in text and "query a colour, answer the digit" in text
     assert "masks starting at 0.88" in text  # the demo's masks start open
+    assert "masks starting at 0.88, the query also scaling the features attention reads)" in text
     assert re.search(r"^blind\s+\d+\.\d%\s+0\.\d{3}\s", text, re.M)
     assert re.search(r"mask correctness higher in \d/2 seeds, accuracy higher in \d/2", text)
     blind = json.loads((wd / "results.json").read_text())["blind_accuracy"]
@@ -342,6 +343,24 @@ def test_reproduce_scales_cover_the_papers_tables():
     from arnn_plugins.experiments import DEMO_SCALES
 
     assert long.mask_bias == DEMO_SCALES["default"].mask_bias > 0
+    # The demo's query FiLM is not in the long tables (they were measured without it).
+    assert DEMO_SCALES["default"].query_film and not long.query_film
+
+
+def test_query_film_reaches_the_model_and_the_headers():
+    from mmengine.registry import MODELS
+
+    import arnn_plugins.engine  # noqa: F401  (registers PANModel)
+    from arnn_plugins.experiments import DEMO_SCALES, SCALES
+    from arnn_plugins.experiments.recipes import pan_config, query_phrase
+
+    demo = pan_config("ctx", DEMO_SCALES["quick"], task="digit", cache_dir=None)
+    plain = pan_config("ctx", SCALES["tiny"], task="digit", cache_dir=None)
+    assert demo.model["query_film"] is True and "query_film" not in plain.model
+    model = MODELS.build(dict(demo.model, image_size=48))
+    assert sorted(model.pan.query_film) == sorted(model.pan.attention) == ["0", "1", "2", "3"]
+    assert len(MODELS.build(dict(plain.model)).pan.query_film) == 0
+    assert query_phrase(True) == ", the query also scaling the features attention reads" and query_phrase(False) == ""
 
 
 def test_reproduce_full_layout_runs_on_a_custom_scale(tmp_path):
@@ -364,6 +383,8 @@ def test_reproduce_full_layout_runs_on_a_custom_scale(tmp_path):
 
     assert "masks starting" not in md  # the tables say where masks start only when they do not start at 0.5
     assert "masks starting at 0.88" in format_tables(dict(res, scale=dict(res["scale"], mask_bias=2.0)))
+    assert "the query also scaling" not in md
+    assert "the query also scaling" in format_tables(dict(res, scale=dict(res["scale"], query_film=True)))
     # A larger plan on the same sizes trains only the new runs; the old ones come back as they were.
     trained = []
     more = replace(sc, seeds=(0, 1), inverse_kinds=())

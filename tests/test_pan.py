@@ -297,3 +297,40 @@ def test_mask_bias_shifts_the_gate_logits(kind):
     assert m2[0].mean() > 0.8 > 0.6 > m0[0].mean()
     with pytest.raises(ValueError, match="PAN: mask_bias"):
         PAN(kind, image_size=SIZE, mask_bias=float("nan"))
+
+
+@pytest.mark.parametrize("kind", ["ctx", "arnn", "san"])
+def test_query_film_scales_what_attention_reads(kind):
+    x, q = _batch()
+    torch.manual_seed(0)
+    plain = PAN(kind, image_size=SIZE).eval()
+    film = PAN(kind, image_size=SIZE, query_film=True).eval()
+    missing, unexpected = film.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("query_film.") for k in missing)
+    assert sorted(film.query_film) == sorted(plain.attention)
+    # Zero at init: the same function as without it.
+    (l0, m0), (l1, m1) = plain(x, q), film(x, q)
+    torch.testing.assert_close(l1, l0)
+    # W q = -1 for one query zeroes the first attention layer's input for
+    # that item only: its mask is the layer's output on zero features.
+    first = min(film.query_film, key=int)
+    with torch.no_grad():
+        film.query_film[first].weight[:, int(q[0])] = -1.0
+    _, m = film(x, q)
+    feats = x
+    for stack in film.stacks[:int(first) + 1]:  # no attention before the first
+        feats = stack(feats)
+    onehot = F.one_hot(q, 10).float()
+    a = film.attention[first](torch.zeros_like(feats[:1]), onehot[:1])
+    expected = torch.softmax(a.flatten(1), 1).view_as(a) if kind == "san" else torch.sigmoid(a)
+    torch.testing.assert_close(m[0][:1], expected)
+    others = q != q[0]
+    assert others.any()
+    torch.testing.assert_close(m[0][others], m0[0][others])
+    # It trains: its weights get a gradient.
+    film.train()
+    logits, _ = film(x, q)
+    logits.sum().backward()
+    assert film.query_film[first].weight.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="PAN: query_film"):
+        PAN(kind, image_size=SIZE, query_film=1)

@@ -38,7 +38,7 @@ from ..data import MultiDigitDataset, query_blind_accuracy, uniform_mask_correct
 from .outline import OUTLINE_KINDS, format_outline_table, outline_run
 from .pictures import mask_grid_png, mask_panel_png, pan_masks
 from .plots import curves_png, read_curves
-from .recipes import DEMO_SCALES, DEMO_TASK, KIND_NAMES, curve_points, mask_start, pan_config, run_pan
+from .recipes import DEMO_SCALES, DEMO_TASK, KIND_NAMES, curve_points, mask_start, pan_config, query_phrase, run_pan
 
 __all__ = ["run_pan_demo", "plateau_line", "DEMO_SEEDS", "OUTLINE_STEPS"]
 
@@ -213,7 +213,7 @@ def run_pan_demo(quick: bool = False, out: str = "arnn_demo.png", work_dir: str 
     what = "MBG^inv: query a colour, answer the digit" if task == "digit" else "MBG: query a digit, answer its colour"
     print(f"PAN on {what} ({sc.size} px with {sc.num_digits[0]}-{sc.num_digits[1]} digits, {sc.n_train} training / "
           f"{sc.n_test} test items, {sc.iters} steps of {sc.batch}"
-          + mask_start(sc.mask_bias) + f"), seeds {list(seeds)}: "
+          + mask_start(sc.mask_bias) + query_phrase(sc.query_film) + f"), seeds {list(seeds)}: "
           f"mean ± sample std over seeds, {threads} torch thread(s) per run")
     print(f"{'attention':<10} {'accuracy':>14} {'mask corr.':>15} {'s/step':>15}   per-layer corr., first to last")
     for kind, r in results.items():

@@ -27,7 +27,7 @@ from dataclasses import asdict, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..checks import check_int
-from .recipes import KIND_NAMES, PAPER, SCALES, Scale, curve_points, mask_start, pan_config, run_pan
+from .recipes import KIND_NAMES, PAPER, SCALES, Scale, curve_points, mask_start, pan_config, query_phrase, run_pan
 
 __all__ = ["reproduce", "format_tables"]
 
@@ -80,7 +80,7 @@ def format_tables(results: dict) -> str:
     lines = [f"Scale `{results['scale_name']}`: {sc['size']} px images with {nd[0]}-{nd[1]} digits at scales "
              f"{sr[0]:g}-{sr[1]:g}, {sc['n_train']} training / {sc['n_test']} test items, {sc['iters']} iterations "
              f"of batch {sc['batch']}, PAN readout `{sc.get('readout', 'flatten')}`"
-             + mask_start(sc.get("mask_bias", 0.0))
+             + mask_start(sc.get("mask_bias", 0.0)) + query_phrase(sc.get("query_film", False))
              + f", seeds {list(sc['seeds'])}; "
              "mean ± sample std over seeds. Paper values in brackets.", ""]
     variants = list(sc["variants"])

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arnn import AttentionRNN, BlockAttentionRNN
-from ..checks import check_choice, check_float, check_image, check_int, check_odd_kernel, check_query
+from ..checks import check_bool, check_choice, check_float, check_image, check_int, check_odd_kernel, check_query
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -148,6 +148,12 @@ class PAN(nn.Module):
         mask_bias: added to every sigmoid mask's logits, so masks start near
             ``sigmoid(mask_bias)`` (0.5 by default; 2.0 starts them open at
             0.88). The softmax readout's last layer ignores it.
+        query_film: also let the query scale the features each attention
+            layer reads, per channel: ``x * (1 + W q)`` (FiLM), ``W`` zero
+            at init, so the model starts as without it. The query then
+            enters multiplicatively as well as through each layer's own
+            additive (concatenated) projection. The masks still multiply
+            the unscaled features.
         backend: ARNN recurrence backend.
         arnn_kwargs: more options for the ARNN layers.
 
@@ -174,6 +180,7 @@ class PAN(nn.Module):
         readout: str = "flatten",
         head_query: bool = True,
         mask_bias: float = 0.0,
+        query_film: bool = False,
         backend: str = "auto",
         arnn_kwargs: Optional[Dict] = None,
     ) -> None:
@@ -194,6 +201,7 @@ class PAN(nn.Module):
         self.readout = readout
         self.head_query = bool(head_query)
         self.mask_bias = check_float("PAN", "mask_bias", mask_bias)
+        check_bool("PAN", "query_film", query_film)
         self.num_classes, self.num_queries = num_classes, num_queries
         self.image_size, self.in_channels = image_size, in_channels
         self.map_sizes = tuple(sizes)
@@ -231,6 +239,14 @@ class PAN(nn.Module):
                     self.attention[str(i)] = BlockAttentionRNN(channels, block_size=block_size, **kw)
                 else:
                     self.attention[str(i)] = AttentionRNN(channels, **kw)
+
+        # Per attention layer; a ModuleDict keyed like self.attention.
+        self.query_film = nn.ModuleDict()
+        if query_film:
+            for key in self.attention:
+                film = nn.Linear(num_queries, channels, bias=False)
+                nn.init.zeros_(film.weight)
+                self.query_film[key] = film
 
         feat = channels if attention == "san" or readout != "flatten" else channels * s * s
         self.head = nn.Sequential(
@@ -275,7 +291,10 @@ class PAN(nn.Module):
             attn = self.attention[str(i)] if str(i) in self.attention else None
             if attn is None:
                 continue
-            a = attn(x, q)
+            if str(i) in self.query_film:
+                a = attn(x * (1 + self.query_film[str(i)](q))[:, :, None, None], q)
+            else:
+                a = attn(x, q)
             if self.attention_kind == "san" or (i == last and self.readout == "softmax"):
                 b, _, h, w = a.shape
                 p = torch.softmax(a.reshape(b, -1), dim=1).reshape(b, 1, h, w)
