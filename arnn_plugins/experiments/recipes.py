@@ -126,9 +126,9 @@ SCALES: Dict[str, Scale] = {
 DEMO_TASK = "digit"
 _DEMO = dict(seeds=(0,), variants=("mbg",), kinds=("ctx", "arnn"), inverse_kinds=(), **_SMALL_LAYOUT)
 DEMO_SCALES: Dict[str, Scale] = {
-    # Per run 1000 steps on one thread (CTX about 0.1 s a step, ARNN 0.12-0.16 on an idle core); the demo trains
-    # both kinds for three seeds, two runs at once: about 8 minutes on two cores. In MBG^inv both kinds
-    # start on a plateau at the query-blind level; by 1000 steps ARNN has left it in each demo seed.
+    # Per run 1000 steps on one thread (CTX about 0.07 s a step, ARNN 0.10 on an idle core); the demo trains
+    # both kinds for three seeds, two runs at once: 5.3 minutes measured on two idle cores. In MBG^inv both
+    # kinds start on a plateau at the query-blind level; by 1000 steps both have left it in each demo seed.
     "default": Scale(n_train=20000, n_test=500, iters=1000, batch=32, mask_bias=MASK_BIAS, query_film=QUERY_FILM,
                      **_DEMO,
                      note="arnn-plugins demo"),
