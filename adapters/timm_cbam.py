@@ -14,11 +14,18 @@ gives the spatial branch an AttentionRNN:
   spatial logit map (the original conv is dropped; its checkpoint keys are
   accepted and ignored when loading).
 
-What ARNN reads: the spatial branch's input, i.e. the features *after* the
-channel gate, all ``C`` channels. CBAM's own spatial conv sees only the two
-pooled channels; the paper's ARNN builds its local context from the feature
-map itself, and the context conv ``C -> hidden_channels`` costs little next to
-the block's own convs. The ARNN sits in the spatial branch as child ``arnn``,
+What ARNN reads (``reads``): by default (``"features"``) the spatial
+branch's input, i.e. the features *after* the channel gate, all ``C``
+channels: the paper's ARNN builds its local context from the feature map
+itself. With ``reads="pooled"`` it reads what CBAM's own spatial conv reads,
+the channel-pooled map (``[mean, max]``, or ``0.5 mean + 0.5 max`` for the
+light variant), so the whole of CBAM's spatial branch, pooling included, is
+replaced and only its ``k x k`` conv becomes the ARNN (the paper: "we replace
+only the spatial attention in CBAM with ARNN ... a local context of 3 x 3 ...
+for both CBAM and CBAM+ARNN" says no more). The context conv then has 2 (or
+1) input channels instead of ``C``: on a timm ResNet18 at 128x128 the
+features' context conv is about half of what ARNN adds to a train step
+(``docs/speed.md``). The ARNN sits in the spatial branch as child ``arnn``,
 so checkpoints of the original model load with only ``*.spatial.arnn.*``
 missing.
 
@@ -49,7 +56,7 @@ from timm.layers.cbam import (
 )
 
 from ..arnn import AttentionRNN, BlockAttentionRNN, check_input
-from ..checks import check_int, check_swap_mode
+from ..checks import check_choice, check_int, check_swap_mode
 from ..gate import ARNNGate, create_attention, zero_init_attention
 from ..registry import register_adapter
 
@@ -63,6 +70,9 @@ __all__ = [
 ]
 
 _GateLayer = Union[str, Type[nn.Module]]
+
+#: What the ARNN of a CBAM spatial branch may read (``ARNNSpatialAttn(reads=...)``).
+READS = ("features", "pooled")
 
 
 def reset_arnn_parameters(layer: nn.Module, zero_output: bool) -> None:
@@ -93,12 +103,15 @@ class ARNNSpatialAttn(nn.Module):
     ``replace``: ``y = x * gate(arnn(x))``.
 
     Args:
-        channels: ``C`` of the features (the ARNN reads all of them).
+        channels: ``C`` of the features.
         kernel_size: spatial conv size of the CBAM prior (residual mode).
         gate_layer: gate nonlinearity (CBAM: sigmoid).
         light: pool as ``LightSpatialAttn`` (``0.5 mean + 0.5 max``, one
             channel) instead of ``SpatialAttn`` (``[mean, max]``).
         mode: ``"residual"`` or ``"replace"``.
+        reads: what the ARNN reads: ``"features"`` (all ``C`` channels) or
+            ``"pooled"`` (the channel-pooled map CBAM's conv reads: 2
+            channels, 1 with ``light``).
         block_size: ``> 1`` uses :class:`~arnn_plugins.BlockAttentionRNN`.
         conv: an existing prior conv to keep (shared, not copied); built
             fresh when ``None`` in residual mode.
@@ -117,6 +130,7 @@ class ARNNSpatialAttn(nn.Module):
         gate_layer: _GateLayer = "sigmoid",
         light: bool = False,
         mode: str = "residual",
+        reads: str = "features",
         block_size: int = 1,
         conv: Optional[nn.Module] = None,
         gate: Optional[nn.Module] = None,
@@ -126,17 +140,20 @@ class ARNNSpatialAttn(nn.Module):
     ) -> None:
         super().__init__()
         check_swap_mode("ARNNSpatialAttn", mode)
+        check_choice("ARNNSpatialAttn", "reads", reads, READS)
         if mode == "replace" and conv is not None:
             raise ValueError("ARNNSpatialAttn: mode='replace' has no prior conv; do not pass conv")
         self.channels = channels
         self.light = light
         self.mode = mode
+        self.reads = reads
         built_conv = mode == "residual" and conv is None
         if built_conv:
             conv = ConvNormAct(1 if light else 2, 1, kernel_size, apply_act=False)
         self.conv = conv
         self.gate = gate if gate is not None else create_act_layer(gate_layer)
-        self.arnn = create_attention(channels, block_size, "ARNNSpatialAttn", **arnn_kwargs)
+        arnn_in = channels if reads == "features" else (1 if light else 2)
+        self.arnn = create_attention(arnn_in, block_size, "ARNNSpatialAttn", **arnn_kwargs)
         if mode == "residual":
             zero_init_attention(self.arnn)
         if device is not None or dtype is not None:
@@ -179,7 +196,7 @@ class ARNNSpatialAttn(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, mode={self.mode!r}, light={self.light}"
+        return f"{self.channels}, mode={self.mode!r}, light={self.light}, reads={self.reads!r}"
 
     def zero_init_last(self) -> None:
         """timm init hook (ResNet, CSPNet): restore ARNN's init; zero the residual correction."""
@@ -189,21 +206,26 @@ class ARNNSpatialAttn(nn.Module):
         """timm init hook (ByobNet): as :meth:`zero_init_last`."""
         self.zero_init_last()
 
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """CBAM's channel pooling: ``(B, C, H, W)`` -> ``(B, 2, H, W)`` (``(B, 1, H, W)`` with ``light``)."""
+        if self.light:
+            return 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)
+        return torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+
     def prior_logits(self, x: torch.Tensor) -> torch.Tensor:
         """CBAM's conv logits ``(B, 1, H, W)`` for ``x`` ``(B, C, H, W)`` (residual mode)."""
-        if self.light:
-            pooled = 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)
-        else:
-            pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-        return self.conv(pooled)
+        return self.conv(self.pool(x))
 
     def attn_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Spatial logits ``(B, 1, H, W)`` before the gate, for ``x`` ``(B, C, H, W)``."""
         check_input("ARNNSpatialAttn", x, self.channels)
-        a = self.arnn(x)
-        if self.conv is None:
-            return a
-        return self.prior_logits(x) + a
+        if self.reads == "features":
+            a = self.arnn(x)
+            return a if self.conv is None else self.prior_logits(x) + a
+        # One pooling for both the ARNN and the prior conv.
+        pooled = self.pool(x)
+        a = self.arnn(pooled)
+        return a if self.conv is None else self.conv(pooled) + a
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Spatial mask ``(B, 1, H, W)`` (the gate applied to the logits)."""
@@ -229,6 +251,7 @@ class CbamARNN(nn.Module):
         spatial_kernel_size: size of the CBAM prior conv (residual mode).
         light: ``LightCbamModule`` variant of both branches.
         mode: ``"residual"`` or ``"replace"`` (see :class:`ARNNSpatialAttn`).
+        reads: ``"features"`` or ``"pooled"`` (see :class:`ARNNSpatialAttn`).
         block_size: ``> 1`` uses Block AttentionRNN.
         device, dtype: where to create the parameters.
         **arnn_kwargs: passed to :class:`~arnn_plugins.AttentionRNN`.
@@ -249,6 +272,7 @@ class CbamARNN(nn.Module):
         mlp_bias: bool = False,
         light: bool = False,
         mode: str = "residual",
+        reads: str = "features",
         block_size: int = 1,
         channel: Optional[nn.Module] = None,
         spatial: Optional[ARNNSpatialAttn] = None,
@@ -271,7 +295,8 @@ class CbamARNN(nn.Module):
                 channels, spatial_kernel_size,
                 # timm's LightSpatialAttn always gates with a sigmoid.
                 gate_layer="sigmoid" if light else gate_layer,
-                light=light, mode=mode, block_size=block_size, device=device, dtype=dtype, **arnn_kwargs,
+                light=light, mode=mode, reads=reads, block_size=block_size, device=device, dtype=dtype,
+                **arnn_kwargs,
             )
         elif not isinstance(spatial, ARNNSpatialAttn):
             raise TypeError(f"CbamARNN: spatial must be an ARNNSpatialAttn, got {type(spatial).__name__}")

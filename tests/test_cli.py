@@ -171,7 +171,7 @@ def test_bench_resnet_compiled_rows():
     from arnn_plugins.experiments.bench import bench_resnet
 
     rows = bench_resnet(batch=2, size=32, repeats=1, compile=True)
-    assert [r.name for r in rows] == ["resnet18", "resnet18+cbam", "resnet18+cbam+arnn"]
+    assert [r.name for r in rows] == ["resnet18", "resnet18+cbam", "resnet18+cbam+arnn", "resnet18+cbam+arnn pooled"]
     # Compilation is paid once, in the first step, not in the medians.
     assert all(r.compile_s is not None and r.compile_s * 1e3 > r.fwdbwd_ms for r in rows)
 
@@ -197,8 +197,11 @@ def test_profile_parts_time_each_attention_module_at_its_step_shape():
     assert [r["name"] for r in rows] == [f"layer{s}.{b}.se.spatial" for s in range(1, 5) for b in range(2)]
     assert [r["shape"] for r in rows[::2]] == [(2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2), (2, 512, 1, 1)]
     for r in rows:
-        assert min(r["cbam"], r["arnn"], r["context"], r["scan"]) > 0
+        assert min(r["cbam"], r["arnn"], r["context"], r["scan"], r["pooled"]) > 0
         assert r["rest"] == pytest.approx(r["arnn"] - r["context"] - r["scan"])
     table = format_parts(rows, step_ms=100.0, title="t")
     total = sum(r["arnn"] - r["cbam"] for r in rows)
     assert "| total |" in table and f"take {total:.1f} ms more than CBAM's, {total:.1f}% of" in table
+    pooled = sum(r["pooled"] - r["cbam"] for r in rows)
+    assert "| ARNN on the pooled map ms |" in table
+    assert f"ARNN reading the pooled map takes {pooled:.1f} ms more than CBAM's branches, {pooled:.1f}% of" in table

@@ -232,6 +232,7 @@ def test_second_swap_finds_nothing():
         (dict(hidden_channels=0), ValueError),
         (dict(context_kernel=2), ValueError),
         (dict(block_size=0), ValueError),
+        (dict(reads="mean"), ValueError),
         (dict(no_such_option=1), TypeError),
     ],
 )
@@ -257,6 +258,41 @@ def test_arnn_options_pass_through_block_variant():
     assert arnn.arnn.hidden_channels == 4 and arnn.arnn.combine == "independent"
     with torch.no_grad():
         assert (model(X) - before).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("attn", ["cbam", "lcbam"])
+def test_pooled_reads_cbams_pooled_map_and_keeps_logits(attn):
+    model = make(attn=attn)
+    with torch.no_grad():
+        before = model(X)
+    names = ap.swap_attention(model, reads="pooled", hidden_channels=4)
+    light = attn == "lcbam"
+    for n in names:
+        spatial = model.get_submodule(n).spatial
+        # The context conv reads CBAM's pooled map, not the C channels.
+        assert spatial.reads == "pooled" and spatial.arnn.in_channels == (1 if light else 2)
+        assert spatial.arnn.context.weight.shape[1] == (1 if light else 2)
+    with torch.no_grad():
+        assert (model(X) - before).abs().max().item() <= 1e-5
+    # Residual mode: the prior conv and the ARNN see the same pooled map.
+    spatial = model.get_submodule(names[0]).spatial
+    perturb_arnn(model)
+    x = torch.randn(2, spatial.channels, 8, 8)
+    pooled = spatial.pool(x)
+    want = spatial.conv(pooled) + spatial.arnn(pooled)
+    assert torch.equal(spatial.attn_logits(x), want)
+    # Replace mode: the logits are the ARNN's on the pooled map, and depend on
+    # the features only through the channel mean and max.
+    replaced = make(attn=attn)
+    names = ap.swap_attention(replaced, mode="replace", reads="pooled", hidden_channels=4)
+    spatial = replaced.get_submodule(names[0]).spatial
+    assert spatial.conv is None
+    assert torch.equal(spatial.attn_logits(x), spatial.arnn(spatial.pool(x)))
+    shuffled = x[:, torch.randperm(x.shape[1])]
+    assert torch.allclose(spatial.attn_logits(shuffled), spatial.attn_logits(x), atol=1e-6)
+    assert "reads='pooled'" in repr(spatial)
+    with pytest.raises(ValueError, match=r"ARNNSpatialAttn: reads must be one of \('features', 'pooled'\)"):
+        ARNNSpatialAttn(32, reads="mean")
 
 
 def test_attention_map_and_input_checks():

@@ -8,7 +8,8 @@ noisy machine:
    usually is (per-row skew loops, ``nn.Conv1d`` for the 2x1 kernel,
    autograd through every step);
 2. a timm ResNet18+CBAM train step with CBAM's spatial branch replaced by
-   ARNN, against the same model with CBAM and without attention.
+   ARNN (reading the features, and reading CBAM's channel-pooled map),
+   against the same model with CBAM and without attention.
 
 :func:`bench_scan` times the bare scan (:func:`arnn_plugins.ops.diagonal_lstm`)
 the same way, without the layer's convolutions around it.
@@ -252,8 +253,11 @@ def bench_scan(
 def resnet18_models(backend: str = "auto") -> Dict[str, torch.nn.Module]:
     """The benchmarked timm ResNet18s (100 classes): plain, +CBAM, and +CBAM with an ARNN spatial branch.
 
-    The ARNN model is the CBAM one with ``swap_attention(mode="replace")``;
-    ``backend`` goes to its ARNN layers. Built from ``torch.manual_seed(0)``.
+    The ARNN models are the CBAM one with ``swap_attention(mode="replace")``:
+    ``resnet18+cbam+arnn`` with ARNN reading the features (the default),
+    ``resnet18+cbam+arnn pooled`` with ARNN reading CBAM's channel-pooled map
+    (``reads="pooled"``). ``backend`` goes to their ARNN layers. Built from
+    ``torch.manual_seed(0)``.
     """
     import timm
 
@@ -267,6 +271,9 @@ def resnet18_models(backend: str = "auto") -> Dict[str, torch.nn.Module]:
     arnn = timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam"))
     swap_attention(arnn, mode="replace", backend=backend)
     models["resnet18+cbam+arnn"] = arnn
+    pooled = timm.create_model("resnet18", num_classes=100, block_args=dict(attn_layer="cbam"))
+    swap_attention(pooled, mode="replace", reads="pooled", backend=backend)
+    models["resnet18+cbam+arnn pooled"] = pooled
     return models
 
 
@@ -396,11 +403,11 @@ def run(device: str = "cpu", repeats: int = 3, layer: bool = True, resnet: bool 
     dev = torch.device(device)
     parts = []
     # Every case is timed once to warm up, then `repeats` times; a table has a
-    # forward and a step case per row (3 ResNets; compiling adds one call each).
+    # forward and a step case per row (4 ResNets; compiling adds one call each).
     per_table = lambda rows: 2 * rows * (1 + repeats)  # noqa: E731
     n_layer = len(_default_backends(dev))
     total = (per_table(n_layer) * (int(scan) + int(layer))
-             + (per_table(3) * (1 + int(compile)) + 3 * int(compile)) * int(resnet))
+             + (per_table(4) * (1 + int(compile)) + 4 * int(compile)) * int(resnet))
     with tqdm(total=total, desc="bench", unit="run") as bar:
         def progress(msg):
             bar.update(1)

@@ -75,11 +75,12 @@ def profile_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, warmu
     return best
 
 
-def _models(backend: str) -> Dict[str, torch.nn.Module]:
+def _models(backend: str, pooled: bool = False) -> Dict[str, torch.nn.Module]:
     from .bench import resnet18_models
 
     models = resnet18_models(backend)
-    return {name: models[name] for name in ("resnet18+cbam", "resnet18+cbam+arnn")}
+    names = ("resnet18+cbam", "resnet18+cbam+arnn") + (("resnet18+cbam+arnn pooled",) if pooled else ())
+    return {name: models[name] for name in names}
 
 
 def profile_models(batch: int = 16, size: int = 128, threads: Optional[int] = 2, backend: str = "auto",
@@ -156,25 +157,28 @@ def attention_parts(batch: int = 16, size: int = 128, threads: Optional[int] = 2
     sees in the train step: CBAM's branch, ARNN's branch, and of the ARNN
     branch its context conv and its scan (:func:`~arnn_plugins.ops.diagonal_lstm`
     on gate inputs of the layer's layout); ``rest`` is the branch minus the
-    two (input projection, heads, combiner, gate, layout work). Gradients are
-    taken for the input and the parameters; medians of ``repeats`` repeats
-    taken round-robin over all cases.
+    two (input projection, heads, combiner, gate, layout work); ``pooled``
+    is the branch of the model whose ARNN reads CBAM's channel-pooled map
+    (``reads="pooled"``). Gradients are taken for the input and the
+    parameters; medians of ``repeats`` repeats taken round-robin over all
+    cases.
 
     Returns:
         one dict per module: ``name``, ``shape`` and ms for ``cbam``,
-        ``arnn``, ``context``, ``scan``, ``rest``.
+        ``arnn``, ``context``, ``scan``, ``rest``, ``pooled``.
     """
     from ..ops import diagonal_lstm
 
     torch.manual_seed(0)
     img = torch.randn(batch, 3, size, size)
-    models = _models(backend)
+    models = _models(backend, pooled=True)
     cbam = _spatial_modules(models["resnet18+cbam"], img)
     arnn = _spatial_modules(models["resnet18+cbam+arnn"], img)
+    pooled = _spatial_modules(models["resnet18+cbam+arnn pooled"], img)
     cases: Dict[Tuple[int, str], Callable[[], None]] = {}
     rows = []
     with _threads(threads):
-        for i, ((name, cmod, shape), (_, amod, _)) in enumerate(zip(cbam, arnn)):
+        for i, ((name, cmod, shape), (_, amod, _), (_, pmod, _)) in enumerate(zip(cbam, arnn, pooled)):
             x = torch.randn(shape, requires_grad=True)
             layer = amod.arnn
             t = layer.hidden_channels
@@ -182,6 +186,7 @@ def attention_parts(batch: int = 16, size: int = 128, threads: Optional[int] = 2
             gx = torch.randn(2, b, h, w, 4 * t).permute(1, 0, 4, 2, 3).requires_grad_()
             cases[i, "cbam"] = _fwd_bwd(lambda m=cmod, x=x: m(x), [x, *cmod.parameters()])
             cases[i, "arnn"] = _fwd_bwd(lambda m=amod, x=x: m(x), [x, *amod.parameters()])
+            cases[i, "pooled"] = _fwd_bwd(lambda m=pmod, x=x: m(x), [x, *pmod.parameters()])
             cases[i, "context"] = _fwd_bwd(lambda m=layer.context, x=x: m(x), [x, *layer.context.parameters()])
             cases[i, "scan"] = _fwd_bwd(lambda gx=gx, layer=layer: diagonal_lstm(gx, layer.weight_hh, layer.backend),
                                         [gx, layer.weight_hh])
@@ -203,10 +208,11 @@ def attention_parts(batch: int = 16, size: int = 128, threads: Optional[int] = 2
 
 def format_parts(rows: List[Dict[str, object]], step_ms: Optional[float] = None, title: str = "") -> str:
     """Markdown table of :func:`attention_parts`, with a total row (and shares of ``step_ms``)."""
-    parts = ("cbam", "arnn", "context", "scan", "rest")
+    parts = ("cbam", "arnn", "context", "scan", "rest", "pooled")
     lines = [f"**{title}**" if title else "", "",
-             "| module | input | CBAM spatial ms | ARNN spatial ms | context conv ms | scan ms | rest ms |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| module | input | CBAM spatial ms | ARNN spatial ms | context conv ms | scan ms | rest ms "
+             "| ARNN on the pooled map ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {'x'.join(map(str, r['shape']))} | "
                      + " | ".join(f"{r[p]:.2f}" for p in parts) + " |")
@@ -217,7 +223,9 @@ def format_parts(rows: List[Dict[str, object]], step_ms: Optional[float] = None,
         lines += ["", f"ARNN's branches take {extra:.1f} ms more than CBAM's, {100 * extra / step_ms:.1f}% of the "
                       f"+CBAM step's self CPU ({step_ms:.1f} ms); of the ARNN branches, the context convs alone are "
                       f"{100 * total['context'] / step_ms:.1f}% of it, the scans {100 * total['scan'] / step_ms:.1f}% "
-                      f"and the rest beyond what CBAM's whole branch costs {100 * (total['rest'] - total['cbam']) / step_ms:.1f}%."]
+                      f"and the rest beyond what CBAM's whole branch costs {100 * (total['rest'] - total['cbam']) / step_ms:.1f}%. "
+                      f"ARNN reading the pooled map takes {total['pooled'] - total['cbam']:.1f} ms more than CBAM's "
+                      f"branches, {100 * (total['pooled'] - total['cbam']) / step_ms:.1f}% of that step."]
     return "\n".join(lines).lstrip("\n")
 
 
