@@ -24,8 +24,8 @@ replaced and only its ``k x k`` conv becomes the ARNN (the paper: "we replace
 only the spatial attention in CBAM with ARNN ... a local context of 3 x 3 ...
 for both CBAM and CBAM+ARNN" says no more). The context conv then has 2 (or
 1) input channels instead of ``C``: on a timm ResNet18 at 128x128 the
-features' context conv is about half of what ARNN adds to a train step
-(``docs/speed.md``). The ARNN sits in the spatial branch as child ``arnn``,
+features' context conv is about half of what the ARNN branches add over
+CBAM's (``arnn-plugins bench --profile``; ``docs/speed.md``). The ARNN sits in the spatial branch as child ``arnn``,
 so checkpoints of the original model load with only ``*.spatial.arnn.*``
 missing.
 
@@ -147,12 +147,13 @@ class ARNNSpatialAttn(nn.Module):
         self.light = light
         self.mode = mode
         self.reads = reads
+        pooled_channels = 1 if light else 2
         built_conv = mode == "residual" and conv is None
         if built_conv:
-            conv = ConvNormAct(1 if light else 2, 1, kernel_size, apply_act=False)
+            conv = ConvNormAct(pooled_channels, 1, kernel_size, apply_act=False)
         self.conv = conv
         self.gate = gate if gate is not None else create_act_layer(gate_layer)
-        arnn_in = channels if reads == "features" else (1 if light else 2)
+        arnn_in = channels if reads == "features" else pooled_channels
         self.arnn = create_attention(arnn_in, block_size, "ARNNSpatialAttn", **arnn_kwargs)
         if mode == "residual":
             zero_init_attention(self.arnn)
@@ -219,12 +220,9 @@ class ARNNSpatialAttn(nn.Module):
     def attn_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Spatial logits ``(B, 1, H, W)`` before the gate, for ``x`` ``(B, C, H, W)``."""
         check_input("ARNNSpatialAttn", x, self.channels)
-        if self.reads == "features":
-            a = self.arnn(x)
-            return a if self.conv is None else self.prior_logits(x) + a
-        # One pooling for both the ARNN and the prior conv.
-        pooled = self.pool(x)
-        a = self.arnn(pooled)
+        # One pooling serves both the ARNN (reads="pooled") and the prior conv.
+        pooled = self.pool(x) if self.reads == "pooled" or self.conv is not None else None
+        a = self.arnn(pooled if self.reads == "pooled" else x)
         return a if self.conv is None else self.conv(pooled) + a
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:

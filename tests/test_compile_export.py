@@ -170,12 +170,27 @@ def test_dynamic_shapes_recompile_at_most_once():
     assert counter.frame_count <= 2, counter.frame_count
 
 
+# The second case: the ARNN reads CBAM's pooled map, which also feeds the prior conv.
+SWAPS = [dict(mode="replace"), dict(mode="residual", reads="pooled")]
+
+
+def _perturb_arnn(model):
+    # A residual swap starts as a no-op; make its ARNN part of the output.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".arnn." in n:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+
+
 @needs_cc
-def test_swapped_timm_resnet_compiles_fullgraph():
+@pytest.mark.parametrize("swap", SWAPS, ids=["replace", "residual-pooled"])
+def test_swapped_timm_resnet_compiles_fullgraph(swap):
     timm = pytest.importorskip("timm")
     torch.manual_seed(4)
     model = timm.create_model("resnet18", block_args=dict(attn_layer="cbam"), num_classes=10)
-    ap.swap_attention(model, mode="replace", hidden_channels=4)
+    ap.swap_attention(model, hidden_channels=4, **swap)
+    _perturb_arnn(model)
     model.eval()  # BatchNorm statistics would otherwise differ between the two runs
     _compiled_matches_eager(model, (torch.randn(2, 3, 64, 64),), atol=1e-4)
 
@@ -289,12 +304,14 @@ def test_onnx_export_of_the_layer_runs_in_onnxruntime(tmp_path):
         torch.testing.assert_close(_onnx_run(tmp_path / "arnn.onnx", (x, q)), m(x, q).detach(), rtol=0, atol=1e-4)
 
 
-def test_onnx_export_of_a_swapped_resnet18_runs_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("swap", SWAPS, ids=["replace", "residual-pooled"])
+def test_onnx_export_of_a_swapped_resnet18_runs_in_onnxruntime(tmp_path, swap):
     pytest.importorskip("onnxscript")
     timm = pytest.importorskip("timm")
     torch.manual_seed(10)
     model = timm.create_model("resnet18", block_args=dict(attn_layer="cbam"), num_classes=10)
-    ap.swap_attention(model, mode="replace", hidden_channels=4)
+    ap.swap_attention(model, hidden_channels=4, **swap)
+    _perturb_arnn(model)
     model.eval()
     x = torch.randn(1, 3, 32, 32)
     with onnx_decompositions():
