@@ -76,18 +76,10 @@ static inline v8sf v8_exp(v8sf x)
     p = p * (r * r) + r + 1.0f;
     return p * (v8sf)((n + 127) << 23);
 }
-static void sig_n_f32(float *a, int n)
-{
-    int i = 0;
-    for (; i + 8 <= n; i += 8) v8_store(a + i, 1.0f / (1.0f + v8_exp(-v8_load(a + i))));
-    for (; i < n; ++i) a[i] = 1.0f / (1.0f + expf(-a[i]));
-}
-static void tanh_n_f32(float *y, const float *x, int n)
-{
-    int i = 0;
-    for (; i + 8 <= n; i += 8) v8_store(y + i, 1.0f - 2.0f / (v8_exp(2.0f * v8_load(x + i)) + 1.0f));
-    for (; i < n; ++i) y[i] = 1.0f - 2.0f / (expf(2.0f * x[i]) + 1.0f);
-}
+static inline __attribute__((always_inline)) v8sf v8_sig(v8sf x) { return 1.0f / (1.0f + v8_exp(-x)); }
+static inline __attribute__((always_inline)) v8sf v8_tanh(v8sf x) { return 1.0f - 2.0f / (v8_exp(2.0f * x) + 1.0f); }
+static inline float sig_f32(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float tanh_f32(float x) { return 1.0f - 2.0f / (expf(2.0f * x) + 1.0f); }
 
 /* Gate order [o, f, i, g]; wt[d][r][k][g] = weight_hh[d, g, k, r] with
    r = 0 the upper neighbour and r = 1 the left one; the backward takes
@@ -111,6 +103,63 @@ static void tanh_n_f32(float *y, const float *x, int n)
 
 #define NB 4 /* sequences per block */
 #define VB 2 /* vectors per tile row: NB x VB accumulators fit 16 registers */
+/* How many cells ahead the backward prefetches the saved activations: it
+   walks them backwards, a stream the hardware prefetchers follow poorly. */
+#define PD 4
+
+/* The activations of a block's nb cells at once, vector index outer and item
+   inner: each item's exp -> divide chain is long and those of the items are
+   independent, so interleaving them keeps the vector units busy where one
+   item at a time leaves them waiting on latency. Per element the operations
+   are those of one item alone, so the results are the same to the bit.
+   gate_acts: a[q] = [sigmoid(o, f, i), tanh(g)] in place; hidden: h[q] =
+   o tanh(c[q]); tanh_block: y[q * t + k] = tanh(c[q][k]). */
+static void gate_acts_f32(float *const *a, int nb, int t)
+{
+    const int n = 3 * t, nv = n / 8 * 8, m = t / 8 * 8;
+    for (int k = 0; k < nv; k += 8)
+        for (int q = 0; q < nb; ++q) v8_store(a[q] + k, v8_sig(v8_load(a[q] + k)));
+    for (int k = 0; k < m; k += 8)
+        for (int q = 0; q < nb; ++q) v8_store(a[q] + n + k, v8_tanh(v8_load(a[q] + n + k)));
+    for (int q = 0; q < nb; ++q) {
+        for (int k = nv; k < n; ++k) a[q][k] = sig_f32(a[q][k]);
+        for (int k = n + m; k < n + t; ++k) a[q][k] = tanh_f32(a[q][k]);
+    }
+}
+static void hidden_f32(float *const *h, const float *const *c, const float *const *a, int nb, int t)
+{
+    const int m = t / 8 * 8;
+    for (int k = 0; k < m; k += 8)
+        for (int q = 0; q < nb; ++q) v8_store(h[q] + k, v8_tanh(v8_load(c[q] + k)) * v8_load(a[q] + k));
+    for (int q = 0; q < nb; ++q)
+        for (int k = m; k < t; ++k) h[q][k] = tanh_f32(c[q][k]) * a[q][k];
+}
+static void tanh_block_f32(float *y, const float *const *c, int nb, int t)
+{
+    const int m = t / 8 * 8;
+    for (int k = 0; k < m; k += 8)
+        for (int q = 0; q < nb; ++q) v8_store(y + q * t + k, v8_tanh(v8_load(c[q] + k)));
+    for (int q = 0; q < nb; ++q)
+        for (int k = m; k < t; ++k) y[q * t + k] = tanh_f32(c[q][k]);
+}
+static void gate_acts_f64(double *const *a, int nb, int t)
+{
+    for (int q = 0; q < nb; ++q) {
+        sig_n_f64(a[q], 3 * t);
+        tanh_n_f64(a[q] + 3 * t, a[q] + 3 * t, t);
+    }
+}
+static void hidden_f64(double *const *h, const double *const *c, const double *const *a, int nb, int t)
+{
+    for (int q = 0; q < nb; ++q) {
+        tanh_n_f64(h[q], c[q], t);
+        for (int k = 0; k < t; ++k) h[q][k] *= a[q][k];
+    }
+}
+static void tanh_block_f64(double *y, const double *const *c, int nb, int t)
+{
+    for (int q = 0; q < nb; ++q) tanh_n_f64(y + q * t, c[q], t);
+}
 
 typedef float vec_f32 __attribute__((vector_size(32)));
 typedef double vec_f64 __attribute__((vector_size(32)));
@@ -275,22 +324,25 @@ int arnn_fwd_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,         
                 }                                                                  \
                 const T *const *hs[2] = {i > 0 ? hu : 0, j > 0 ? hl : 0};          \
                 gates_tile_##SUF(oq, xq, hs, ws, t, Gp);                           \
+                T *aq[NB], *cq[NB], *hq[NB];                                       \
                 for (int q = 0; q < nb; ++q) {                                     \
                     const int b = b0 + q;                                          \
                     const long cell = ((long)(d * B + b) * H + i) * W + j;         \
-                    T *restrict a = acts + cell * G, *restrict c = cbuf + cell * t; \
-                    T *restrict ho = h + b * hsb + d * hsd + i * hsi + j * hsj;    \
-                    if (Gp != G) memcpy(a, oq[q], sizeof(T) * (size_t)G);          \
-                    sig_n_##SUF(a, 3 * t);                                         \
-                    tanh_n_##SUF(a + 3 * t, a + 3 * t, t);                         \
+                    aq[q] = acts + cell * G;                                       \
+                    cq[q] = cbuf + cell * t;                                       \
+                    hq[q] = h + b * hsb + d * hsd + i * hsi + j * hsj;             \
+                    if (Gp != G) memcpy(aq[q], oq[q], sizeof(T) * (size_t)G);      \
+                }                                                                  \
+                gate_acts_##SUF(aq, nb, t);                                        \
+                for (int q = 0; q < nb; ++q) {                                     \
+                    T *restrict a = aq[q], *restrict c = cq[q];                    \
                     if (j > 0) {                                                   \
                         const T *cl = c - t;                                       \
                         for (int k = 0; k < t; ++k)                                \
                             c[k] = a[t + k] * cl[k] + a[2 * t + k] * a[3 * t + k]; \
                     } else for (int k = 0; k < t; ++k) c[k] = a[2 * t + k] * a[3 * t + k]; \
-                    tanh_n_##SUF(ho, c, t);                                        \
-                    for (int k = 0; k < t; ++k) ho[k] *= a[k];                     \
                 }                                                                  \
+                hidden_##SUF(hq, (const T *const *)cq, (const T *const *)aq, nb, t); \
             }                                                                      \
         }                                                                          \
         s += nb;                                                                   \
@@ -315,10 +367,10 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
     T *rh = (T *)calloc((size_t)NB * tp, sizeof(T));                               \
     T *rc = (T *)calloc((size_t)NB * t, sizeof(T));                                \
     T *restrict zero = (T *)calloc((size_t)t, sizeof(T));                          \
-    T *restrict tcs = (T *)calloc((size_t)t, sizeof(T));                           \
+    T *restrict tcb = (T *)calloc((size_t)NB * t, sizeof(T));                      \
     T *restrict gh = (T *)calloc((size_t)t, sizeof(T));                            \
-    if (!wp || !down || !rh || !rc || !zero || !tcs || !gh) {                        \
-        free(wp); free(down); free(rh); free(rc); free(zero); free(tcs); free(gh);  \
+    if (!wp || !down || !rh || !rc || !zero || !tcb || !gh) {                        \
+        free(wp); free(down); free(rh); free(rc); free(zero); free(tcb); free(gh);  \
         return -1;                                                                 \
     }                                                                              \
     const T *wgu = wp, *wgl = wp + (long)G * tp;                                   \
@@ -340,10 +392,21 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
             memset(rh, 0, sizeof(T) * (size_t)NB * tp);                            \
             memset(rc, 0, sizeof(T) * (size_t)NB * t);                             \
             for (int j = W - 1; j >= 0; --j) {                                     \
+                const T *cq[NB];                                                   \
+                for (int q = 0; q < nb; ++q)                                       \
+                    cq[q] = cbuf + (((long)(d * B + b0 + q) * H + i) * W + j) * t; \
+                tanh_block_##SUF(tcb, cq, nb, t);                                  \
                 for (int q = 0; q < nb; ++q) {                                     \
                     const int b = b0 + q;                                          \
                     const long cell = ((long)(d * B + b) * H + i) * W + j;         \
+                    const T *tcs = tcb + (long)q * t;                              \
                     const T *a = acts + cell * G, *c = cbuf + cell * t;            \
+                    if (j >= PD) {                                                 \
+                        const char *pa = (const char *)(a - PD * G);               \
+                        for (int l = 0; l < (int)(G * sizeof(T)); l += 64)          \
+                            __builtin_prefetch(pa + l, 0, 3);                      \
+                        __builtin_prefetch(c - PD * t, 0, 3);                      \
+                    }                                                              \
                     const T *g0 = go + b * osb + d * osd + i * osi + j * osj;      \
                     const T *dn = down + ((long)q * W + j) * tp, *rhq = rq[q];     \
                     T *rcq = rc + (long)q * t;                                     \
@@ -351,7 +414,6 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
                     zq[q] = z;                                                     \
                     const T *gk = g0, *cl = j > 0 ? c - t : zero;                  \
                     if (osf != 1) { for (int k = 0; k < t; ++k) gh[k] = g0[k * osf]; gk = gh; } \
-                    tanh_n_##SUF(tcs, c, t);                                       \
                     if (t % L == 0)                                                \
                         for (int k = 0; k < t; k += L)                             \
                             GATE_GRADS(T, vec_##SUF, vload_##SUF, vstore_##SUF);   \
@@ -379,7 +441,7 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
         }                                                                          \
         s += nb;                                                                   \
     }                                                                              \
-    free(wp); free(down); free(rh); free(rc); free(zero); free(tcs); free(gh);      \
+    free(wp); free(down); free(rh); free(rc); free(zero); free(tcb); free(gh);      \
     return 0;                                                                      \
 }
 
