@@ -33,7 +33,7 @@ from .checks import (
     check_odd_kernel,
     check_query,
 )
-from .ops import ScanFn, check_backend, diagonal_lstm
+from .ops import ScanFn, check_backend, projected_lstm
 
 __all__ = ["AttentionRNN", "BlockAttentionRNN", "ARNNStats", "COMBINE_MODES"]
 
@@ -274,17 +274,13 @@ class AttentionRNN(nn.Module):
         # The right-to-left direction scans the mirrored image. Mirroring the
         # (narrow) context instead of the (8t-wide) gates saves a large copy.
         # The grouped 1x1 conv runs as one batched matmul (its backward is
-        # about twice as fast as the conv's on CPU) and leaves each cell's
-        # gate vector contiguous, the layout the scan backends read best.
+        # about twice as fast as the conv's on CPU), or inside the C kernel,
+        # and leaves each cell's gate vector contiguous, the layout the scan
+        # backends read best.
         cin = xc.shape[1]
-        # One copy: the stack of the two features-last views is already
-        # (2, B, H, W, Cc) in memory.
-        xl = xc.permute(0, 2, 3, 1)
-        xin = torch.stack([xl, xl.flip(2)], dim=0).reshape(2, b * h * w, cin)
-        weight = self.input_proj.weight.view(2, 4 * t, cin).transpose(1, 2).to(xin.dtype)
-        bias = self.input_proj.bias.view(2, 1, 4 * t).to(xin.dtype)
-        gx = torch.baddbmm(bias, xin, weight).view(2, b, h, w, 4 * t).permute(1, 0, 4, 2, 3)
-        hid = diagonal_lstm(gx, self.weight_hh, self.backend)  # (B, 2, t, H, W)
+        weight = self.input_proj.weight.view(2, 4 * t, cin)
+        bias = self.input_proj.bias.view(2, 4 * t)
+        hid = projected_lstm(xc.permute(0, 2, 3, 1), weight, bias, self.weight_hh, self.backend)  # (B, 2, t, H, W)
 
         # Heads, mirror, shift and combination all act per location. The
         # heads read the hidden states where the scan left them (features

@@ -454,3 +454,72 @@ def test_c_kernel_sequence_blocks_match_reference(dtype, shape):
                     assert (a.double() - r).abs().max().item() < tol * max(1.0, r.abs().max().item()), (n, name)
     finally:
         torch.set_num_threads(threads)
+
+
+def _projection_inputs(b, h, w, cin, t, dtype, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(b, cin, h, w, dtype=torch.float64).permute(0, 2, 3, 1)  # features-last view, as the layer's
+    weight = torch.randn(2, 4 * t, cin, dtype=torch.float64) * cin ** -0.5
+    bias = torch.randn(2, 4 * t, dtype=torch.float64) * 0.5
+    wh = torch.randn(2, 4 * t, t, 2, dtype=torch.float64) * t ** -0.5
+    return [v.to(dtype).requires_grad_(True) for v in (x, weight, bias, wh)]
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(5, 4, 3, 16, 16), (1, 3, 5, 5, 16), (6, 5, 1, 20, 5), (4, 1, 4, 3, 3)])
+def test_c_kernel_projection_matches_unfused_reference(dtype, shape):
+    # The C kernel's own input projection (and its input gradient) against
+    # the batched matmul + reference scan: batches off the block of four,
+    # H != W, W = 1 and H = 1, Cin that fills whole vector tiles or not,
+    # one thread or three, graph kept or freed.
+    b, h, w, cin, t = shape
+    ref_in = _projection_inputs(b, h, w, cin, t, torch.float64)
+    ref = ops.projected_lstm(*ref_in, backend="reference")
+    go = torch.randn(ref.shape, dtype=torch.float64)
+    want = torch.autograd.grad(ref, ref_in, go)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    threads = torch.get_num_threads()
+    try:
+        for n, retain in ((1, False), (3, False), (3, True)):
+            torch.set_num_threads(n)
+            got_in = _projection_inputs(b, h, w, cin, t, dtype)
+            out = ops.projected_lstm(*got_in, backend="fused")
+            assert type(out.grad_fn).__name__ == "_CScanProjectedBackward"
+            assert (out.double() - ref).abs().max().item() < tol
+            got = torch.autograd.grad(out, got_in, go.to(dtype), retain_graph=retain)
+            for name, a, r in zip(("x", "weight", "bias", "weight_hh"), got, want):
+                assert a.shape == r.shape
+                assert (a.double() - r).abs().max().item() < tol * max(1.0, r.abs().max().item()), (n, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_projection_falls_back_where_the_kernel_does_not_run():
+    # Under autocast, for another backend, and for a callable backend the
+    # projection is the batched matmul and the scan runs on its result.
+    x, weight, bias, wh = _projection_inputs(2, 3, 4, 5, 2, torch.float32)
+    for kwargs in ({"backend": "reference"}, {"backend": reference_scan}):
+        out = ops.projected_lstm(x, weight, bias, wh, **kwargs)
+        assert type(out.grad_fn).__name__ != "_CScanProjectedBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.projected_lstm(x, weight, bias, wh, backend="fused")
+    assert type(out.grad_fn).__name__ != "_CScanProjectedBackward"
+    ref = ops.projected_lstm(x, weight, bias, wh, backend="reference")
+    assert torch.allclose(out.float(), ref, atol=3e-2)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"x": torch.zeros(2, 3, 4)}, r"x of shape \(B, H, W, Cin\)"),
+    ({"weight": torch.zeros(2, 8, 4)}, r"weight of shape \(2, 4t, 5\)"),
+    ({"weight": torch.zeros(1, 8, 5)}, r"weight of shape \(2, 4t, 5\)"),
+    ({"bias": torch.zeros(2, 9)}, r"bias of shape \(2, 8\)"),
+    ({"weight_hh": torch.zeros(2, 8, 2, 1)}, r"weight_hh of shape \(2, 8, 2, 2\)"),
+    ({"x": torch.zeros(2, 3, 4, 5, dtype=torch.long)}, "floating point x"),
+])
+def test_projection_rejects_shapes_that_do_not_fit(bad, match):
+    args = {"x": torch.zeros(2, 3, 4, 5), "weight": torch.zeros(2, 8, 5), "bias": torch.zeros(2, 8),
+            "weight_hh": torch.zeros(2, 8, 2, 2)}
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.projected_lstm(**args, backend="fused")

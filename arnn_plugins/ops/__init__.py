@@ -22,7 +22,11 @@ built from ``csrc/arnn_scan.c``) and :mod:`.triton_scan` (GPU). This module
 is the only place that registers them (at the bottom), so the set of
 backends is what this file says, whatever else has been imported. Third
 parties add theirs with :func:`register_backend`; a caller can also pass
-a callable as ``backend`` without registering anything.
+a callable as ``backend`` without registering anything. The layer enters
+through :func:`projected_lstm`, the input projection ``K_x`` of both
+directions followed by the scan: for the C kernel in eager mode the
+projection runs inside the kernel, for everything else it is one batched
+matmul whose result any backend scans.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 from . import cpu_kernel, library, triton_scan
 from .fused import fused_scan_torch
 from .reference import reference_scan
-from .shapes import check_scan
+from .shapes import check_projection, check_scan
 
 __all__ = [
     "EXPORT_DECOMPOSITIONS",
@@ -49,6 +53,7 @@ __all__ = [
     "diagonal_lstm",
     "fused_scan",
     "onnx_decompositions",
+    "projected_lstm",
     "reference_scan",
     "register_backend",
     "resolve_backend",
@@ -151,6 +156,46 @@ def diagonal_lstm(gx: torch.Tensor, weight_hh: torch.Tensor, backend: Backend = 
         # No autocast region to leave: an exported graph then has no autocast wrapper around the scan.
         h = fn(gx.to(cdtype), weight_hh.to(cdtype))
     return h.to(out_dtype)
+
+
+def projected_lstm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, weight_hh: torch.Tensor,
+                   backend: Backend = "auto") -> torch.Tensor:
+    """The input part of the gates, ``K_x``, for both directions, then :func:`diagonal_lstm`.
+
+    Direction 0 scans ``x`` as it is, direction 1 scans it mirrored left to
+    right (``j -> W - 1 - j``); per direction ``d`` and cell, the gate
+    input is ``bias[d] + weight[d] @ x``.
+
+    Args:
+        x: ``(B, H, W, Cin)`` features (any strides).
+        weight: ``(2, 4t, Cin)``; bias: ``(2, 4t)``; weight_hh: ``(2, 4t, t, 2)``.
+        backend: as for :func:`diagonal_lstm`.
+
+    Returns:
+        ``(B, 2, t, H, W)`` hidden states, each direction in its own scan frame.
+
+    With the ``"fused"`` backend on CPU in eager mode (float32/float64, no
+    autocast) the C kernel computes the projection itself, cell by cell, so
+    the ``(B, 2, 4t, H, W)`` gate inputs are never written to memory and read
+    back, and it forms the input's gradient in its backward; it sums in the
+    order the unfused path's batched matmul does. Everywhere else (other
+    backends, graph capture, autocast) the projection is one batched matmul
+    over both directions and the scan runs on its result.
+    """
+    check_projection(x, weight, bias, weight_hh)
+    name = resolve_backend(backend, x.device, weight.shape[1] // 4, x.shape[1])
+    if (name == "fused" and _REGISTRY.get("fused") is fused_scan and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and weight.dtype == bias.dtype == weight_hh.dtype == x.dtype
+            and not torch.is_autocast_enabled("cpu") and not _capturing(x) and _c_kernel_ready()):
+        return cpu_kernel.c_scan_projected(x, weight, bias, weight_hh)
+    b, h, w, cin = x.shape
+    # One copy: the stack of the two features-last views is already
+    # (2, B, H, W, Cin) in memory, the layout the batched matmul reads.
+    xin = torch.stack([x, x.flip(2)], dim=0).reshape(2, b * h * w, cin)
+    gx = torch.baddbmm(bias.view(2, 1, -1).to(xin.dtype), xin, weight.transpose(1, 2).to(xin.dtype))
+    gx = gx.view(2, b, h, w, weight.shape[1]).permute(1, 0, 4, 2, 3)
+    return diagonal_lstm(gx, weight_hh, backend)
 
 
 @torch._dynamo.assume_constant_result

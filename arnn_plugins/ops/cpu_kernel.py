@@ -13,7 +13,11 @@ for the cores); a compiler without OpenMP leaves the split to Python
 threads (``ctypes`` releases the GIL). The forward saves
 gate activations and cells, and the backward is the reverse raster walk
 (writing the input gradient over the saved activations when the graph is
-not retained, so it allocates next to nothing).
+not retained, so it allocates next to nothing). :func:`c_scan_projected`
+also moves the layer's input projection into the kernel: the gate inputs
+are computed cell by cell where they are used instead of being written to
+memory by a batched matmul and read back, and the backward forms the
+projection input's gradient as it goes.
 
 The C source, ``csrc/arnn_scan.c`` next to this module (shipped as package
 data), has no Python or torch headers, so it builds in about a second and
@@ -43,8 +47,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["SOURCE_FILE", "available", "c_scan", "library_path", "load", "scan_backward", "scan_forward", "source",
-           "uses_openmp"]
+__all__ = ["SOURCE_FILE", "available", "c_scan", "c_scan_projected", "library_path", "load", "scan_backward",
+           "scan_forward", "scan_forward_projected", "source", "uses_openmp"]
 
 # The C source ships as package data next to this module (setup.cfg
 # [options.package_data]); read at build time, never copied into Python.
@@ -283,7 +287,44 @@ def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor):
     acts = gx.new_empty(d * b, h, w, g4)
     args_g, args_h = _strides(gx), _strides(hid)
 
-    args = [_ptr(gx), *args_g, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
+    args = [_ptr(gx), *args_g, *_NO_PROJECTION, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
+            ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
+    _run_blocks(lib, name, args, b, d)
+    return hid, cbuf, acts
+
+
+# The forward kernel's projection arguments (x, its b, i, j strides, K_x, bias, Cin) when it reads gx instead.
+_NO_PROJECTION = [None, ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0), None, None, ctypes.c_int(0)]
+
+
+def scan_forward_projected(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, weight_hh: torch.Tensor):
+    """The forward kernel with the input projection in it; returns ``(h, cells, acts)`` as :func:`scan_forward`.
+
+    The gate inputs ``gx`` are never stored: each cell's are computed where
+    the kernel needs them, ``bias[d] + weight[d] @ x`` at the cell for the
+    first direction and at its mirror image ``(i, W - 1 - j)`` for the
+    second, summed in the order the batched matmul of
+    :func:`arnn_plugins.ops.projected_lstm`'s unfused path sums them.
+
+    Args:
+        x: ``(B, H, W, Cin)`` contiguous float32/float64 CPU features.
+        weight: ``(D, 4t, Cin)`` contiguous; bias: ``(D, 4t)`` contiguous.
+        weight_hh: ``(D, 4t, t, 2)``; all of one dtype.
+    """
+    lib = load()
+    b, h, w, cin = x.shape
+    d, g4 = weight.shape[0], weight.shape[1]
+    t = g4 // 4
+    name = "arnn_fwd_f64" if x.dtype == torch.float64 else "arnn_fwd_f32"
+    wt = weight_hh.permute(0, 3, 2, 1).contiguous()  # (D, 2, t, 4t)
+    hid = x.new_empty(b, h, w, d, t).permute(0, 3, 4, 1, 2)
+    cbuf = x.new_empty(d * b, h, w, t)
+    acts = x.new_empty(d * b, h, w, g4)
+    sb, si, sj, _ = x.stride()
+    proj = [_ptr(x), ctypes.c_long(sb), ctypes.c_long(si), ctypes.c_long(sj), _ptr(weight), _ptr(bias),
+            ctypes.c_int(cin)]
+    zero = ctypes.c_long(0)
+    args = [None, zero, zero, zero, zero, *proj, _ptr(wt), _ptr(hid), *_strides(hid), _ptr(cbuf), _ptr(acts),
             ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
     _run_blocks(lib, name, args, b, d)
     return hid, cbuf, acts
@@ -299,11 +340,13 @@ def scan_backward(grad_h: torch.Tensor, weight_hh: torch.Tensor, hid: torch.Tens
     Either way ``grad_gx`` has the ``(D, B, H, W, 4t)`` memory layout the
     layer's input projection writes, so it flows on without a layout copy.
     """
-    return _backward(grad_h, weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts, overwrite)
+    return _backward(grad_h, weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts, overwrite)[:2]
 
 
-def _backward(grad_h, wg, hid, cbuf, acts, overwrite):
-    # wg: K_h as the kernel reads it, (D, 2, 4t, t) contiguous.
+def _backward(grad_h, wg, hid, cbuf, acts, overwrite, weight=None):
+    # wg: K_h as the kernel reads it, (D, 2, 4t, t) contiguous. With the
+    # projection's weight (D, 4t, Cin), also the gradient of its input x,
+    # per direction: dx (D, B, H, W, Cin), each at the cell x was read from.
     b, d, t, h, w = hid.shape
     lib = load()
     name = "arnn_bwd_f64" if hid.dtype == torch.float64 else "arnn_bwd_f32"
@@ -313,11 +356,13 @@ def _backward(grad_h, wg, hid, cbuf, acts, overwrite):
     sb, sd, sf, si, sj = grad_h.stride()
     args_o = [ctypes.c_long(v) for v in (sb, sd, sf, si, sj)]
     args_h, args_d = _strides(hid), _strides(dgx)
+    dx = None if weight is None else hid.new_empty(d, b, h, w, weight.shape[2])
+    args_x = [None, None, ctypes.c_int(0)] if dx is None else [_ptr(dx), _ptr(weight), ctypes.c_int(dx.shape[-1])]
 
     args = [_ptr(grad_h), *args_o, _ptr(wg), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts), _ptr(dgx), *args_d,
-            _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
+            _ptr(dwt), *args_x, ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
     _run_blocks(lib, name, args, b, d)
-    return dgx, dwt.sum(1).permute(0, 3, 2, 1)  # (D, 4t, t, 2)
+    return dgx, dwt.sum(1).permute(0, 3, 2, 1), dx  # ..., (D, 4t, t, 2), ...
 
 
 class _CScan(torch.autograd.Function):
@@ -333,7 +378,33 @@ class _CScan(torch.autograd.Function):
         wg, hid, cbuf, acts = ctx.saved_tensors
         # When the graph is freed after this backward (no retain_graph, no
         # create_graph), the saved activations may be spent.
-        return _backward(grad_h, wg, hid, cbuf, acts, overwrite=not _graph_kept())
+        return _backward(grad_h, wg, hid, cbuf, acts, overwrite=not _graph_kept())[:2]
+
+
+class _CScanProjected(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                weight_hh: torch.Tensor) -> torch.Tensor:
+        hid, cbuf, acts = scan_forward_projected(x, weight, bias, weight_hh)
+        ctx.save_for_backward(x, weight, weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts)
+        return hid
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h: torch.Tensor):
+        x, weight, wg, hid, cbuf, acts = ctx.saved_tensors
+        dgx, grad_whh, dx = _backward(grad_h, wg, hid, cbuf, acts, not _graph_kept(), weight)
+        # K_x's and the bias's gradients by the very operations (and operand
+        # layouts) autograd uses for the unfused path's baddbmm, so that
+        # both paths give the same numbers.
+        # One direction at a time (a matmul each gives the batched matmul's
+        # numbers), so that only one mirrored copy of x is ever made.
+        b, h, w, cin = x.shape
+        d, g4 = weight.shape[:2]
+        dz = dgx.permute(1, 0, 3, 4, 2).reshape(d, b * h * w, g4)  # a view: (D, B, H, W, 4t) in memory
+        grad_w = torch.stack([x.reshape(-1, cin).t().mm(dz[0]), x.flip(2).reshape(-1, cin).t().mm(dz[1])])
+        grad_b = dz.sum(1, keepdim=True).view(d, g4)
+        return dx[0].add_(dx[1]), grad_w.transpose(1, 2), grad_b, grad_whh
 
 
 def c_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
@@ -347,3 +418,19 @@ def c_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
     if gx.device.type != "cpu" or gx.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"AttentionRNN: the CPU scan kernel takes float32/float64 CPU tensors, got {gx.dtype} on {gx.device}")
     return _CScan.apply(gx, weight_hh.to(gx.dtype))
+
+
+def c_scan_projected(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     weight_hh: torch.Tensor) -> torch.Tensor:
+    """Input projection and diagonal LSTM scan in the C kernel (CPU, float32/float64, two directions).
+
+    ``x`` ``(B, H, W, Cin)``, ``weight`` ``(2, 4t, Cin)``, ``bias``
+    ``(2, 4t)``, ``weight_hh`` ``(2, 4t, t, 2)``, all of ``x``'s dtype;
+    the second direction scans ``x`` mirrored left to right. Returns ``h``
+    ``(B, 2, t, H, W)`` as :func:`arnn_plugins.ops.projected_lstm` does.
+    """
+    if load() is None:
+        raise RuntimeError("AttentionRNN: the CPU scan kernel is not available (no C compiler?)")
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"AttentionRNN: the CPU scan kernel takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
+    return _CScanProjected.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), weight_hh)

@@ -7,7 +7,11 @@
        c(i, j) = sigmoid(f) c(i, j - 1) + sigmoid(i) tanh(g)
        h(i, j) = sigmoid(o) tanh(c(i, j))
 
-   with zero states outside the image. On a CPU the scan is sequential
+   with zero states outside the image. Given the layer's features x (B, H, W,
+   Cin) instead of gx, the forward computes gx(i, j) = b_x + K_x x(i, j') in
+   the tile itself (j' = j for d = 0, W - 1 - j for d = 1, the mirrored
+   direction), so the gate inputs are never written to memory, and the
+   backward adds K_x^T dgates, the gradient of x, per direction. On a CPU the scan is sequential
    within one image but independent across (direction, batch) pairs, and a
    per-step PyTorch op costs more in dispatch than the arithmetic it does.
    So arnn_fwd_* walks whole sequences s0 <= s < s1 (s = d * B + b) in raster
@@ -84,9 +88,12 @@ static inline float tanh_f32(float x) { return 1.0f - 2.0f / (expf(2.0f * x) + 1
 /* Gate order [o, f, i, g]; wt[d][r][k][g] = weight_hh[d, g, k, r] with
    r = 0 the upper neighbour and r = 1 the left one; the backward takes
    wg[d][r][g][k] = weight_hh[d, g, k, r]. Strides in elements; the feature
-   dimension of gx, h and dgx is contiguous, gout's has stride osf. dgx may
-   be the acts buffer itself: each cell's activations are read before its
-   gradient is written over them.
+   dimension of gx, x, h and dgx is contiguous, gout's has stride osf. dgx
+   may be the acts buffer itself: each cell's activations are read before
+   its gradient is written over them. The projection: xin NULL (gx is read)
+   or x with strides xsb, xsi, xsj, wx[d][g][k] = K_x and bx[d][g] its bias;
+   the backward's dx NULL, or (D, B, H, W, Cin) dense, each direction's
+   gradient of x at the cell x was read from.
 
    Sequences s0 <= s < s1 go in blocks of NB consecutive batch items of one
    direction, which advance together cell by cell: they share the weights,
@@ -215,16 +222,30 @@ mac_row_##SUF(vec_##SUF acc[NB][VB], const T *const *src, long m, const T *w)   
                                                                                    \
 /* out[q][g] = x[q][g] + sum_k hs[r][q][k] * ws[r][k * Gp + g] for r with   */   \
 /* hs[r] given, q < NB, g < Gp: the block's gate pre-activations (out[q] may */   \
-/* be x[q]).                                                                 */   \
+/* be x[q]). With xp, x[q][g] is the input projection instead,               */   \
+/* sum_{k < cin} xp[q][k] * wx[k * Gp + g] + bx[g]: summed from zero in      */   \
+/* ascending k and the bias added last, the order in which the BLAS batched  */   \
+/* matmul the layer would otherwise call sums it.                            */   \
 static inline __attribute__((always_inline)) void                                 \
 gates_tile_##SUF(T *const out[NB], const T *const x[NB], const T *const *hs[2],   \
-                 const T *const ws[2], int t, int Gp)                              \
+                 const T *const ws[2], int t, int Gp, const T *const *xp,          \
+                 const T *wx, const T *bx, int cin)                                \
 {                                                                                  \
     enum { L = 32 / sizeof(T) };                                                   \
     for (int g0 = 0; g0 < Gp; g0 += VB * L) {                                      \
         vec_##SUF acc[NB][VB];                                                     \
-        for (int q = 0; q < NB; ++q)                                               \
-            for (int v = 0; v < VB; ++v) acc[q][v] = vload_##SUF(x[q] + g0 + v * L); \
+        if (xp) {                                                                  \
+            for (int q = 0; q < NB; ++q)                                           \
+                for (int v = 0; v < VB; ++v) acc[q][v] = (vec_##SUF){0};           \
+            for (int k = 0; k < cin; ++k)                                          \
+                mac_row_##SUF(acc, xp, k, wx + (long)k * Gp + g0);                 \
+            for (int v = 0; v < VB; ++v) {                                         \
+                const vec_##SUF bv = vload_##SUF(bx + g0 + v * L);                 \
+                for (int q = 0; q < NB; ++q) acc[q][v] = acc[q][v] + bv;           \
+            }                                                                      \
+        } else                                                                     \
+            for (int q = 0; q < NB; ++q)                                           \
+                for (int v = 0; v < VB; ++v) acc[q][v] = vload_##SUF(x[q] + g0 + v * L); \
         for (int r = 0; r < 2; ++r) {                                              \
             const T *const *hr = hs[r];                                            \
             if (!hr) continue;                                                     \
@@ -286,44 +307,58 @@ static void outer_acc_##SUF(T *dw, const T *hs, long hsj, const T *zs, long zsj,
 }                                                                                  \
                                                                                    \
 int arnn_fwd_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,            \
+                   const T *xin, long xsb, long xsi, long xsj, const T *wx,        \
+                   const T *bx, int cin,                                           \
                    const T *wt, T *h, long hsb, long hsd, long hsi, long hsj,      \
                    T *cbuf, T *acts, int B, int H, int W, int t, int s0, int s1)   \
 {                                                                                  \
     enum { L = 32 / sizeof(T) };                                                   \
     const int G = 4 * t, Gp = (G + VB * L - 1) / (VB * L) * (VB * L);              \
-    T *wp = (T *)calloc((size_t)2 * t * Gp, sizeof(T));                            \
+    const int ncx = xin ? cin : 0;                                                 \
+    T *wp = (T *)calloc((size_t)(2 * t + ncx + 1) * Gp, sizeof(T));                \
     T *sa = (T *)calloc((size_t)NB * Gp, sizeof(T));                               \
     if (!wp || !sa) { free(wp); free(sa); return -1; }                             \
     const T *const ws[2] = {wp, wp + (long)t * Gp};                                \
+    T *wxp = wp + (long)2 * t * Gp, *bxp = wxp + (long)ncx * Gp;                   \
     for (int s = s0, dw = -1; s < s1;) {                                           \
         const int d = s / B, b0 = s % B;                                           \
         const int left = s1 - s < B - b0 ? s1 - s : B - b0;                        \
         const int nb = left < NB ? left : NB;                                      \
-        if (d != dw) { /* this direction's K_h rows, padded to Gp */               \
+        if (d != dw) { /* this direction's K_h rows (and K_x, bias), padded to Gp */ \
             for (int rk = 0; rk < 2 * t; ++rk)                                     \
                 memcpy(wp + (long)rk * Gp, wt + ((long)d * 2 * t + rk) * G, sizeof(T) * (size_t)G); \
+            for (int k = 0; k < ncx; ++k)                                          \
+                for (int g = 0; g < G; ++g) wxp[(long)k * Gp + g] = wx[((long)d * G + g) * cin + k]; \
+            if (xin) memcpy(bxp, bx + (long)d * G, sizeof(T) * (size_t)G);         \
             dw = d;                                                                \
         }                                                                          \
         for (int i = 0; i < H; ++i) {                                              \
             for (int j = 0; j < W; ++j) {                                          \
                 /* Whole tiles (Gp == G): read gx and write acts in place;   */   \
-                /* otherwise through the padded scratch rows.                */   \
-                const T *hu[NB], *hl[NB], *xq[NB];                                 \
+                /* otherwise through the padded scratch rows. The second     */   \
+                /* direction's projection input is the mirrored image.       */   \
+                const T *hu[NB], *hl[NB], *xq[NB], *pq[NB];                        \
                 T *oq[NB];                                                         \
+                const int jx = d == 0 ? j : W - 1 - j;                             \
                 for (int q = 0; q < NB; ++q) {                                     \
                     const int b = b0 + (q < nb ? q : nb - 1);                      \
                     const T *hb = h + b * hsb + d * hsd;                           \
-                    const T *x = gx + b * gsb + d * gsd + i * gsi + j * gsj;       \
                     hu[q] = i > 0 ? hb + (i - 1) * hsi + j * hsj : hb;             \
                     hl[q] = j > 0 ? hb + i * hsi + (j - 1) * hsj : hb;             \
                     oq[q] = sa + (long)q * Gp;                                     \
                     if (q < nb && Gp == G)                                         \
                         oq[q] = acts + (((long)(d * B + b) * H + i) * W + j) * G;  \
+                    xq[q] = oq[q];                                                 \
+                    if (xin) {                                                     \
+                        pq[q] = xin + b * xsb + i * xsi + jx * xsj;                \
+                        continue;                                                  \
+                    }                                                              \
+                    const T *x = gx + b * gsb + d * gsd + i * gsi + j * gsj;       \
                     if (Gp == G) xq[q] = x;                                        \
-                    else { memcpy(oq[q], x, sizeof(T) * (size_t)G); xq[q] = oq[q]; } \
+                    else memcpy(oq[q], x, sizeof(T) * (size_t)G);                  \
                 }                                                                  \
                 const T *const *hs[2] = {i > 0 ? hu : 0, j > 0 ? hl : 0};          \
-                gates_tile_##SUF(oq, xq, hs, ws, t, Gp);                           \
+                gates_tile_##SUF(oq, xq, hs, ws, t, Gp, xin ? pq : 0, wxp, bxp, ncx); \
                 T *aq[NB], *cq[NB], *hq[NB];                                       \
                 for (int q = 0; q < nb; ++q) {                                     \
                     const int b = b0 + q;                                          \
@@ -355,14 +390,16 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
                    long osj, const T *wg, const T *h, long hsb, long hsd,          \
                    long hsi, long hsj, const T *cbuf, const T *acts,               \
                    T *dgx, long dsb, long dsd, long dsi, long dsj, T *dwt,         \
+                   T *dx, const T *wx, int cin,                                    \
                    int B, int H, int W, int t, int s0, int s1)                     \
 {                                                                                  \
     enum { L = 32 / sizeof(T) };                                                   \
     const int G = 4 * t, tp = (t + VB * L - 1) / (VB * L) * (VB * L);              \
+    const int cp = dx ? (cin + VB * L - 1) / (VB * L) * (VB * L) : 0;              \
     /* Per item: down[j] the gradient into h(i, j) from row i + 1 (then it    */   \
     /* collects row i - 1's), rh / rc the gradients into h and c from the     */   \
     /* right neighbour; zero stands for the cell left of column 0.            */   \
-    T *wp = (T *)calloc((size_t)2 * G * tp, sizeof(T));                            \
+    T *wp = (T *)calloc((size_t)2 * G * tp + (size_t)(G + NB) * cp, sizeof(T));    \
     T *down = (T *)calloc((size_t)NB * W * tp, sizeof(T));                         \
     T *rh = (T *)calloc((size_t)NB * tp, sizeof(T));                               \
     T *rc = (T *)calloc((size_t)NB * t, sizeof(T));                                \
@@ -374,6 +411,7 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
         return -1;                                                                 \
     }                                                                              \
     const T *wgu = wp, *wgl = wp + (long)G * tp;                                   \
+    T *wxs = wp + (long)2 * G * tp, *dxs = wxs + (long)G * cp;                     \
     for (int s = s0, dw = -1; s < s1;) {                                           \
         const int d = s / B, b0 = s % B;                                           \
         const int left = s1 - s < B - b0 ? s1 - s : B - b0;                        \
@@ -381,6 +419,9 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
         if (d != dw) { /* this direction's K_h^T rows, padded to tp */             \
             for (int rg = 0; rg < 2 * G; ++rg)                                     \
                 memcpy(wp + (long)rg * tp, wg + ((long)d * 2 * G + rg) * t, sizeof(T) * (size_t)t); \
+            if (dx) /* and K_x, rows padded to cp */                               \
+                for (int g = 0; g < G; ++g)                                        \
+                    memcpy(wxs + (long)g * cp, wx + ((long)d * G + g) * cin, sizeof(T) * (size_t)cin); \
             dw = d;                                                                \
         }                                                                          \
         const T *zq[NB];                                                           \
@@ -427,6 +468,18 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
                 }                                                                  \
                 if (i > 0) matvec_t_tile_##SUF(dq, zq, wgu, G, tp);                \
                 if (j > 0) matvec_t_tile_##SUF(rq, zq, wgl, G, tp);                \
+                if (dx) {                                                          \
+                    /* The projection input's gradient, K_x^T dz, summed from */   \
+                    /* zero in ascending gate order as the BLAS matmul does,  */   \
+                    /* at the image cell the input was read from.             */   \
+                    T *xq[NB];                                                     \
+                    for (int q = 0; q < NB; ++q) xq[q] = dxs + (long)q * cp;       \
+                    matvec_t_tile_##SUF(xq, zq, wxs, G, cp);                       \
+                    const int jx = d == 0 ? j : W - 1 - j;                         \
+                    for (int q = 0; q < nb; ++q)                                   \
+                        memcpy(dx + ((((long)d * B + b0 + q) * H + i) * W + jx) * cin, xq[q], \
+                               sizeof(T) * (size_t)cin);                           \
+                }                                                                  \
             }                                                                      \
             /* Weight gradients of the whole row as two small GEMMs, far    */    \
             /* cheaper than an outer product per cell.                      */    \
@@ -480,23 +533,27 @@ int arnn_openmp(void) { return 0; }
 
 #define DEFINE_PAR(T, SUF)                                                         \
 int arnn_fwd_par_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,        \
+                       const T *xin, long xsb, long xsi, long xsj, const T *wx,    \
+                       const T *bx, int cin,                                       \
                        const T *wt, T *h, long hsb, long hsd, long hsi, long hsj,  \
                        T *cbuf, T *acts, int B, int H, int W, int t, int D,        \
                        int nthreads)                                               \
 {                                                                                  \
-    PARALLEL_BLOCKS(arnn_fwd_##SUF(gx, gsb, gsd, gsi, gsj, wt, h, hsb, hsd, hsi,   \
-                                   hsj, cbuf, acts, B, H, W, t, s0, s1))           \
+    PARALLEL_BLOCKS(arnn_fwd_##SUF(gx, gsb, gsd, gsi, gsj, xin, xsb, xsi, xsj, wx, \
+                                   bx, cin, wt, h, hsb, hsd, hsi, hsj, cbuf, acts, \
+                                   B, H, W, t, s0, s1))                            \
 }                                                                                  \
                                                                                    \
 int arnn_bwd_par_##SUF(const T *go, long osb, long osd, long osf, long osi,        \
                        long osj, const T *wg, const T *h, long hsb, long hsd,      \
                        long hsi, long hsj, const T *cbuf, const T *acts,           \
                        T *dgx, long dsb, long dsd, long dsi, long dsj, T *dwt,     \
+                       T *dx, const T *wx, int cin,                                \
                        int B, int H, int W, int t, int D, int nthreads)            \
 {                                                                                  \
     PARALLEL_BLOCKS(arnn_bwd_##SUF(go, osb, osd, osf, osi, osj, wg, h, hsb, hsd,   \
                                    hsi, hsj, cbuf, acts, dgx, dsb, dsd, dsi, dsj,  \
-                                   dwt, B, H, W, t, s0, s1))                       \
+                                   dwt, dx, wx, cin, B, H, W, t, s0, s1))          \
 }
 
 DEFINE_PAR(float, f32)
