@@ -469,8 +469,8 @@ def _projection_inputs(b, h, w, cin, t, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(5, 4, 3, 16, 16), (1, 3, 5, 5, 16), (6, 5, 1, 20, 5), (4, 1, 4, 3, 3)])
 def test_c_kernel_projection_matches_unfused_reference(dtype, shape):
-    # The C kernel's own input projection (and its input gradient) against
-    # the batched matmul + reference scan: batches off the block of four,
+    # The C kernel's own input projection (its backward is the batched
+    # matmul's) against the batched matmul + reference scan: batches off the block of four,
     # H != W, W = 1 and H = 1, Cin that fills whole vector tiles or not,
     # one thread or three, graph kept or freed.
     b, h, w, cin, t = shape
@@ -523,3 +523,38 @@ def test_projection_rejects_shapes_that_do_not_fit(bad, match):
     args.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         ops.projected_lstm(**args, backend="fused")
+
+
+def _graph_nodes(out: torch.Tensor) -> set:
+    """Names of the autograd nodes behind ``out``."""
+    seen, todo = {}, [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        # Keep each node referenced: ids of freed wrappers are reused.
+        if fn is not None and id(fn) not in seen:
+            seen[id(fn)] = fn
+            todo.extend(f for f, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in seen.values()}
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler")
+@pytest.mark.parametrize("t", [16, 64])
+def test_layer_projection_in_the_kernel_needs_no_more_memory(t):
+    # The projection in the kernel keeps the unfused autograd graph, so its
+    # backward frees the scan's incoming gradient before the matmul's run:
+    # held and peak are the unfused path's (the scan handed to the layer as
+    # a callable), and at the default t within 1.2x.
+    from arnn_plugins.experiments.memory import memory_mb
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 16, 16, requires_grad=True)
+    fused = AttentionRNN(32, hidden_channels=t)
+    unfused = AttentionRNN(32, hidden_channels=t, backend=fused_scan)
+    unfused.load_state_dict(fused.state_dict())
+    assert "_CScanProjectedBackward" in _graph_nodes(fused(x))
+    assert "_CScanProjectedBackward" not in _graph_nodes(unfused(x))
+    held, peak = memory_mb(lambda: fused(x), cpu)
+    assert (held, peak) == pytest.approx(memory_mb(lambda: unfused(x), cpu), abs=0.01)
+    if t == 16:
+        assert peak <= 1.2 * held

@@ -177,10 +177,10 @@ def projected_lstm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, we
     With the ``"fused"`` backend on CPU in eager mode (float32/float64, no
     autocast) the C kernel computes the projection itself, cell by cell, so
     the ``(B, 2, 4t, H, W)`` gate inputs are never written to memory and read
-    back, and it forms the input's gradient in its backward; it sums in the
-    order the unfused path's batched matmul does. Everywhere else (other
-    backends, graph capture, autocast) the projection is one batched matmul
-    over both directions and the scan runs on its result.
+    back; it sums in the order the unfused path's batched matmul does, and
+    the backward is the unfused path's. Everywhere else (other backends,
+    graph capture, autocast) the projection is one batched matmul over both
+    directions and the scan runs on its result.
     """
     check_projection(x, weight, bias, weight_hh)
     name = resolve_backend(backend, x.device, weight.shape[1] // 4, x.shape[1])

@@ -340,13 +340,11 @@ def scan_backward(grad_h: torch.Tensor, weight_hh: torch.Tensor, hid: torch.Tens
     Either way ``grad_gx`` has the ``(D, B, H, W, 4t)`` memory layout the
     layer's input projection writes, so it flows on without a layout copy.
     """
-    return _backward(grad_h, weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts, overwrite)[:2]
+    return _backward(grad_h, weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts, overwrite)
 
 
-def _backward(grad_h, wg, hid, cbuf, acts, overwrite, weight=None):
-    # wg: K_h as the kernel reads it, (D, 2, 4t, t) contiguous. With the
-    # projection's weight (D, 4t, Cin), also the gradient of its input x,
-    # per direction: dx (D, B, H, W, Cin), each at the cell x was read from.
+def _backward(grad_h, wg, hid, cbuf, acts, overwrite):
+    # wg: K_h as the kernel reads it, (D, 2, 4t, t) contiguous.
     b, d, t, h, w = hid.shape
     lib = load()
     name = "arnn_bwd_f64" if hid.dtype == torch.float64 else "arnn_bwd_f32"
@@ -356,13 +354,11 @@ def _backward(grad_h, wg, hid, cbuf, acts, overwrite, weight=None):
     sb, sd, sf, si, sj = grad_h.stride()
     args_o = [ctypes.c_long(v) for v in (sb, sd, sf, si, sj)]
     args_h, args_d = _strides(hid), _strides(dgx)
-    dx = None if weight is None else hid.new_empty(d, b, h, w, weight.shape[2])
-    args_x = [None, None, ctypes.c_int(0)] if dx is None else [_ptr(dx), _ptr(weight), ctypes.c_int(dx.shape[-1])]
 
     args = [_ptr(grad_h), *args_o, _ptr(wg), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts), _ptr(dgx), *args_d,
-            _ptr(dwt), *args_x, ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
+            _ptr(dwt), ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
     _run_blocks(lib, name, args, b, d)
-    return dgx, dwt.sum(1).permute(0, 3, 2, 1), dx  # ..., (D, 4t, t, 2), ...
+    return dgx, dwt.sum(1).permute(0, 3, 2, 1)  # (D, 4t, t, 2)
 
 
 class _CScan(torch.autograd.Function):
@@ -378,33 +374,52 @@ class _CScan(torch.autograd.Function):
         wg, hid, cbuf, acts = ctx.saved_tensors
         # When the graph is freed after this backward (no retain_graph, no
         # create_graph), the saved activations may be spent.
-        return _backward(grad_h, wg, hid, cbuf, acts, overwrite=not _graph_kept())[:2]
+        return _backward(grad_h, wg, hid, cbuf, acts, overwrite=not _graph_kept())
+
+
+class _GateInputs(torch.autograd.Function):
+    """The input projection as an autograd node whose output is never stored.
+
+    Its output is a zero-stride stand-in for the gate inputs ``(B, D, 4t,
+    H, W)``; :class:`_CScanProjected` computes the real ones in the kernel.
+    Its backward receives their gradient (the scan's) and returns what
+    ``torch.baddbmm(bias, xin, weight_t)``'s backward returns, by the same
+    operations on the same operand layouts, so the numbers are the same.
+    """
+
+    @staticmethod
+    def forward(ctx, xin: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, b: int, h: int,
+                w: int) -> torch.Tensor:
+        ctx.save_for_backward(xin, weight_t)
+        d, g4 = weight_t.shape[0], weight_t.shape[2]
+        return xin.new_zeros(()).expand(b, d, g4, h, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        xin, weight_t = ctx.saved_tensors
+        d, rows, g4 = xin.shape[0], xin.shape[1], weight_t.shape[2]
+        g = grad.permute(1, 0, 3, 4, 2).reshape(d, rows, g4)  # (D, B, H, W, 4t) in memory, as the scan writes it
+        return g.bmm(weight_t.transpose(1, 2)), xin.transpose(1, 2).bmm(g), g.sum(1, keepdim=True), None, None, None
 
 
 class _CScanProjected(torch.autograd.Function):
+    """The scan, its gate inputs computed in the kernel from ``x``; gradients go to the stand-in ``gx``."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                weight_hh: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
         hid, cbuf, acts = scan_forward_projected(x, weight, bias, weight_hh)
-        ctx.save_for_backward(x, weight, weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts)
+        ctx.save_for_backward(weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts)
         return hid
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_h: torch.Tensor):
-        x, weight, wg, hid, cbuf, acts = ctx.saved_tensors
-        dgx, grad_whh, dx = _backward(grad_h, wg, hid, cbuf, acts, not _graph_kept(), weight)
-        # K_x's and the bias's gradients by the very operations (and operand
-        # layouts) autograd uses for the unfused path's baddbmm, so that
-        # both paths give the same numbers.
-        # One direction at a time (a matmul each gives the batched matmul's
-        # numbers), so that only one mirrored copy of x is ever made.
-        b, h, w, cin = x.shape
-        d, g4 = weight.shape[:2]
-        dz = dgx.permute(1, 0, 3, 4, 2).reshape(d, b * h * w, g4)  # a view: (D, B, H, W, 4t) in memory
-        grad_w = torch.stack([x.reshape(-1, cin).t().mm(dz[0]), x.flip(2).reshape(-1, cin).t().mm(dz[1])])
-        grad_b = dz.sum(1, keepdim=True).view(d, g4)
-        return dx[0].add_(dx[1]), grad_w.transpose(1, 2), grad_b, grad_whh
+        wg, hid, cbuf, acts = ctx.saved_tensors
+        dgx, grad_whh = _backward(grad_h, wg, hid, cbuf, acts, overwrite=not _graph_kept())
+        # x, K_x and the bias get theirs through the stand-in's node.
+        return dgx, grad_whh, None, None, None
 
 
 def c_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
@@ -422,15 +437,23 @@ def c_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
 
 def c_scan_projected(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                      weight_hh: torch.Tensor) -> torch.Tensor:
-    """Input projection and diagonal LSTM scan in the C kernel (CPU, float32/float64, two directions).
+    """Input projection and diagonal LSTM scan by the C kernel (CPU, float32/float64, two directions).
 
     ``x`` ``(B, H, W, Cin)``, ``weight`` ``(2, 4t, Cin)``, ``bias``
     ``(2, 4t)``, ``weight_hh`` ``(2, 4t, t, 2)``, all of ``x``'s dtype;
     the second direction scans ``x`` mirrored left to right. Returns ``h``
-    ``(B, 2, t, H, W)`` as :func:`arnn_plugins.ops.projected_lstm` does.
+    ``(B, 2, t, H, W)``. The autograd graph is the unfused one's (a batched
+    matmul's backward, then the scan's), so the backward needs no more
+    memory than it; only the gate inputs are never stored.
     """
     if load() is None:
         raise RuntimeError("AttentionRNN: the CPU scan kernel is not available (no C compiler?)")
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"AttentionRNN: the CPU scan kernel takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
-    return _CScanProjected.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), weight_hh)
+    b, h, w, cin = x.shape
+    # One copy: the stack of the two features-last views is already
+    # (2, B, H, W, Cin) in memory; the kernel reads its first half, the
+    # backward's matmuls the whole.
+    xin = torch.stack([x, x.flip(2)], dim=0).reshape(2, b * h * w, cin)
+    gx = _GateInputs.apply(xin, weight.transpose(1, 2), bias.view(2, 1, -1), b, h, w)
+    return _CScanProjected.apply(gx, weight_hh, xin[0].view(b, h, w, cin), weight.contiguous(), bias.contiguous())

@@ -10,8 +10,8 @@
    with zero states outside the image. Given the layer's features x (B, H, W,
    Cin) instead of gx, the forward computes gx(i, j) = b_x + K_x x(i, j') in
    the tile itself (j' = j for d = 0, W - 1 - j for d = 1, the mirrored
-   direction), so the gate inputs are never written to memory, and the
-   backward adds K_x^T dgates, the gradient of x, per direction. On a CPU the scan is sequential
+   direction), so the gate inputs are never written to memory and read
+   back. On a CPU the scan is sequential
    within one image but independent across (direction, batch) pairs, and a
    per-step PyTorch op costs more in dispatch than the arithmetic it does.
    So arnn_fwd_* walks whole sequences s0 <= s < s1 (s = d * B + b) in raster
@@ -91,9 +91,7 @@ static inline float tanh_f32(float x) { return 1.0f - 2.0f / (expf(2.0f * x) + 1
    dimension of gx, x, h and dgx is contiguous, gout's has stride osf. dgx
    may be the acts buffer itself: each cell's activations are read before
    its gradient is written over them. The projection: xin NULL (gx is read)
-   or x with strides xsb, xsi, xsj, wx[d][g][k] = K_x and bx[d][g] its bias;
-   the backward's dx NULL, or (D, B, H, W, Cin) dense, each direction's
-   gradient of x at the cell x was read from.
+   or x with strides xsb, xsi, xsj, wx[d][g][k] = K_x and bx[d][g] its bias.
 
    Sequences s0 <= s < s1 go in blocks of NB consecutive batch items of one
    direction, which advance together cell by cell: they share the weights,
@@ -390,16 +388,14 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
                    long osj, const T *wg, const T *h, long hsb, long hsd,          \
                    long hsi, long hsj, const T *cbuf, const T *acts,               \
                    T *dgx, long dsb, long dsd, long dsi, long dsj, T *dwt,         \
-                   T *dx, const T *wx, int cin,                                    \
                    int B, int H, int W, int t, int s0, int s1)                     \
 {                                                                                  \
     enum { L = 32 / sizeof(T) };                                                   \
     const int G = 4 * t, tp = (t + VB * L - 1) / (VB * L) * (VB * L);              \
-    const int cp = dx ? (cin + VB * L - 1) / (VB * L) * (VB * L) : 0;              \
     /* Per item: down[j] the gradient into h(i, j) from row i + 1 (then it    */   \
     /* collects row i - 1's), rh / rc the gradients into h and c from the     */   \
     /* right neighbour; zero stands for the cell left of column 0.            */   \
-    T *wp = (T *)calloc((size_t)2 * G * tp + (size_t)(G + NB) * cp, sizeof(T));    \
+    T *wp = (T *)calloc((size_t)2 * G * tp, sizeof(T));                            \
     T *down = (T *)calloc((size_t)NB * W * tp, sizeof(T));                         \
     T *rh = (T *)calloc((size_t)NB * tp, sizeof(T));                               \
     T *rc = (T *)calloc((size_t)NB * t, sizeof(T));                                \
@@ -411,7 +407,6 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
         return -1;                                                                 \
     }                                                                              \
     const T *wgu = wp, *wgl = wp + (long)G * tp;                                   \
-    T *wxs = wp + (long)2 * G * tp, *dxs = wxs + (long)G * cp;                     \
     for (int s = s0, dw = -1; s < s1;) {                                           \
         const int d = s / B, b0 = s % B;                                           \
         const int left = s1 - s < B - b0 ? s1 - s : B - b0;                        \
@@ -419,9 +414,6 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
         if (d != dw) { /* this direction's K_h^T rows, padded to tp */             \
             for (int rg = 0; rg < 2 * G; ++rg)                                     \
                 memcpy(wp + (long)rg * tp, wg + ((long)d * 2 * G + rg) * t, sizeof(T) * (size_t)t); \
-            if (dx) /* and K_x, rows padded to cp */                               \
-                for (int g = 0; g < G; ++g)                                        \
-                    memcpy(wxs + (long)g * cp, wx + ((long)d * G + g) * cin, sizeof(T) * (size_t)cin); \
             dw = d;                                                                \
         }                                                                          \
         const T *zq[NB];                                                           \
@@ -468,18 +460,6 @@ int arnn_bwd_##SUF(const T *go, long osb, long osd, long osf, long osi,         
                 }                                                                  \
                 if (i > 0) matvec_t_tile_##SUF(dq, zq, wgu, G, tp);                \
                 if (j > 0) matvec_t_tile_##SUF(rq, zq, wgl, G, tp);                \
-                if (dx) {                                                          \
-                    /* The projection input's gradient, K_x^T dz, summed from */   \
-                    /* zero in ascending gate order as the BLAS matmul does,  */   \
-                    /* at the image cell the input was read from.             */   \
-                    T *xq[NB];                                                     \
-                    for (int q = 0; q < NB; ++q) xq[q] = dxs + (long)q * cp;       \
-                    matvec_t_tile_##SUF(xq, zq, wxs, G, cp);                       \
-                    const int jx = d == 0 ? j : W - 1 - j;                         \
-                    for (int q = 0; q < nb; ++q)                                   \
-                        memcpy(dx + ((((long)d * B + b0 + q) * H + i) * W + jx) * cin, xq[q], \
-                               sizeof(T) * (size_t)cin);                           \
-                }                                                                  \
             }                                                                      \
             /* Weight gradients of the whole row as two small GEMMs, far    */    \
             /* cheaper than an outer product per cell.                      */    \
@@ -548,12 +528,11 @@ int arnn_bwd_par_##SUF(const T *go, long osb, long osd, long osf, long osi,     
                        long osj, const T *wg, const T *h, long hsb, long hsd,      \
                        long hsi, long hsj, const T *cbuf, const T *acts,           \
                        T *dgx, long dsb, long dsd, long dsi, long dsj, T *dwt,     \
-                       T *dx, const T *wx, int cin,                                \
                        int B, int H, int W, int t, int D, int nthreads)            \
 {                                                                                  \
     PARALLEL_BLOCKS(arnn_bwd_##SUF(go, osb, osd, osf, osi, osj, wg, h, hsb, hsd,   \
                                    hsi, hsj, cbuf, acts, dgx, dsb, dsd, dsi, dsj,  \
-                                   dwt, dx, wx, cin, B, H, W, t, s0, s1))          \
+                                   dwt, B, H, W, t, s0, s1))                       \
 }
 
 DEFINE_PAR(float, f32)
