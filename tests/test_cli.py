@@ -155,11 +155,11 @@ def test_profile_table_lists_totals_and_the_scan():
     assert list(res) == ["resnet18+cbam", "resnet18+cbam+arnn"]
     assert all(r["total"][1] > 0 for r in res.values())
     ops = res["resnet18+cbam+arnn"]
-    # The layer's scan with its input projection inside the C kernel.
-    assert "_CScanProjected" in ops and "_CScanProjectedBackward" in ops
-    assert not any(k.startswith("_CScan") for k in res["resnet18+cbam"])
+    # The layer's scan, its input projection inside the C kernel.
+    assert {"_CScan", "_CScanBackward", "_GateInputsBackward"} <= set(ops)
+    assert not any(k.startswith(("_CScan", "_GateInputs")) for k in res["resnet18+cbam"])
     table = format_profile(res, top=40, title="t")
-    assert "| difference |" in table and "| _CScanProjectedBackward |" in table
+    assert "| difference |" in table and "| _CScanBackward |" in table
 
 
 def test_bench_rejects_profile_on_another_device(capsys):

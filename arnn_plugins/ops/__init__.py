@@ -183,16 +183,18 @@ def projected_lstm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, we
     directions and the scan runs on its result.
     """
     check_projection(x, weight, bias, weight_hh)
+    b, h, w, cin = x.shape
+    # One copy: the stack of the two features-last views is already
+    # (2, B, H, W, Cin) in memory, each direction in its scan frame: the
+    # layout the batched matmul and the kernel read.
+    xin = torch.stack([x, x.flip(2)], dim=0)
     name = resolve_backend(backend, x.device, weight.shape[1] // 4, x.shape[1])
     if (name == "fused" and _REGISTRY.get("fused") is fused_scan and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
             and weight.dtype == bias.dtype == weight_hh.dtype == x.dtype
             and not torch.is_autocast_enabled("cpu") and not _capturing(x) and _c_kernel_ready()):
-        return cpu_kernel.c_scan_projected(x, weight, bias, weight_hh)
-    b, h, w, cin = x.shape
-    # One copy: the stack of the two features-last views is already
-    # (2, B, H, W, Cin) in memory, the layout the batched matmul reads.
-    xin = torch.stack([x, x.flip(2)], dim=0).reshape(2, b * h * w, cin)
+        return cpu_kernel.c_scan_projected(xin, weight, bias, weight_hh)
+    xin = xin.reshape(2, b * h * w, cin)
     gx = torch.baddbmm(bias.view(2, 1, -1).to(xin.dtype), xin, weight.transpose(1, 2).to(xin.dtype))
     gx = gx.view(2, b, h, w, weight.shape[1]).permute(1, 0, 4, 2, 3)
     return diagonal_lstm(gx, weight_hh, backend)

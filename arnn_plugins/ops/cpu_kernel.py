@@ -14,10 +14,10 @@ threads (``ctypes`` releases the GIL). The forward saves
 gate activations and cells, and the backward is the reverse raster walk
 (writing the input gradient over the saved activations when the graph is
 not retained, so it allocates next to nothing). :func:`c_scan_projected`
-also moves the layer's input projection into the kernel: the gate inputs
-are computed cell by cell where they are used instead of being written to
-memory by a batched matmul and read back, and the backward forms the
-projection input's gradient as it goes.
+also moves the layer's input projection into the forward kernel: the gate
+inputs are computed cell by cell where they are used instead of being
+written to memory by a batched matmul and read back; its backward stays
+the batched matmul's.
 
 The C source, ``csrc/arnn_scan.c`` next to this module (shipped as package
 data), has no Python or torch headers, so it builds in about a second and
@@ -48,7 +48,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["SOURCE_FILE", "available", "c_scan", "c_scan_projected", "library_path", "load", "scan_backward",
-           "scan_forward", "scan_forward_projected", "source", "uses_openmp"]
+           "scan_forward", "source", "uses_openmp"]
 
 # The C source ships as package data next to this module (setup.cfg
 # [options.package_data]); read at build time, never copied into Python.
@@ -264,12 +264,19 @@ def _features_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
 
 
-def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor):
+def scan_forward(gx: Optional[torch.Tensor], weight_hh: torch.Tensor, x: Optional[torch.Tensor] = None,
+                 weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
     """Run the forward kernel; returns ``(h, cells, acts)``.
 
     Args:
-        gx: ``(B, D, 4t, H, W)`` float32/float64 CPU gate inputs, any strides.
+        gx: ``(B, D, 4t, H, W)`` float32/float64 CPU gate inputs, any strides;
+            or ``None`` with ``x``, ``weight``, ``bias`` given, and the kernel
+            computes each cell's gate inputs ``bias[d] + weight[d] @ x[d]``
+            where it needs them (summed from zero in ascending order, the
+            bias last: the batched matmul's order), never storing them.
         weight_hh: ``(D, 4t, t, 2)``, same dtype.
+        x: ``(D, B, H, W, Cin)`` contiguous, each direction's features in
+            its own scan frame; weight: ``(D, 4t, Cin)``; bias: ``(D, 4t)``.
 
     Returns:
         ``h`` ``(B, D, t, H, W)`` (a features-last view), and what the
@@ -277,54 +284,29 @@ def scan_forward(gx: torch.Tensor, weight_hh: torch.Tensor):
         activations ``acts`` ``(D * B, H, W, 4t)``.
     """
     lib = load()
-    b, d, g4, h, w = gx.shape
-    t = g4 // 4
-    name = "arnn_fwd_f64" if gx.dtype == torch.float64 else "arnn_fwd_f32"
-    gx = _features_last(gx)
-    wt = weight_hh.permute(0, 3, 2, 1).contiguous()  # (D, 2, t, 4t)
-    hid = gx.new_empty(b, h, w, d, t).permute(0, 3, 4, 1, 2)  # (B, D, t, H, W), features last
-    cbuf = gx.new_empty(d * b, h, w, t)
-    acts = gx.new_empty(d * b, h, w, g4)
-    args_g, args_h = _strides(gx), _strides(hid)
-
-    args = [_ptr(gx), *args_g, *_NO_PROJECTION, _ptr(wt), _ptr(hid), *args_h, _ptr(cbuf), _ptr(acts),
-            ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
-    _run_blocks(lib, name, args, b, d)
-    return hid, cbuf, acts
-
-
-# The forward kernel's projection arguments (x, its b, i, j strides, K_x, bias, Cin) when it reads gx instead.
-_NO_PROJECTION = [None, ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0), None, None, ctypes.c_int(0)]
-
-
-def scan_forward_projected(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, weight_hh: torch.Tensor):
-    """The forward kernel with the input projection in it; returns ``(h, cells, acts)`` as :func:`scan_forward`.
-
-    The gate inputs ``gx`` are never stored: each cell's are computed where
-    the kernel needs them, ``bias[d] + weight[d] @ x`` at the cell for the
-    first direction and at its mirror image ``(i, W - 1 - j)`` for the
-    second, summed in the order the batched matmul of
-    :func:`arnn_plugins.ops.projected_lstm`'s unfused path sums them.
-
-    Args:
-        x: ``(B, H, W, Cin)`` contiguous float32/float64 CPU features.
-        weight: ``(D, 4t, Cin)`` contiguous; bias: ``(D, 4t)`` contiguous.
-        weight_hh: ``(D, 4t, t, 2)``; all of one dtype.
-    """
-    lib = load()
-    b, h, w, cin = x.shape
-    d, g4 = weight.shape[0], weight.shape[1]
-    t = g4 // 4
-    name = "arnn_fwd_f64" if x.dtype == torch.float64 else "arnn_fwd_f32"
-    wt = weight_hh.permute(0, 3, 2, 1).contiguous()  # (D, 2, t, 4t)
-    hid = x.new_empty(b, h, w, d, t).permute(0, 3, 4, 1, 2)
-    cbuf = x.new_empty(d * b, h, w, t)
-    acts = x.new_empty(d * b, h, w, g4)
-    sb, si, sj, _ = x.stride()
-    proj = [_ptr(x), ctypes.c_long(sb), ctypes.c_long(si), ctypes.c_long(sj), _ptr(weight), _ptr(bias),
-            ctypes.c_int(cin)]
     zero = ctypes.c_long(0)
-    args = [None, zero, zero, zero, zero, *proj, _ptr(wt), _ptr(hid), *_strides(hid), _ptr(cbuf), _ptr(acts),
+    if gx is None:
+        d, b, h, w, cin = x.shape
+        g4 = weight.shape[1]
+        # Bound to names: a contiguous copy must outlive the kernel call that reads it.
+        x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+        src, proj = [None, zero, zero, zero, zero], [
+            _ptr(x), *(ctypes.c_long(v) for v in (x.stride(1), x.stride(0), x.stride(2), x.stride(3))),
+            _ptr(weight), _ptr(bias), ctypes.c_int(cin)]
+        like = x
+    else:
+        b, d, g4, h, w = gx.shape
+        gx = _features_last(gx)
+        src, proj = [_ptr(gx), *_strides(gx)], [None, zero, zero, zero, zero, None, None, ctypes.c_int(0)]
+        like = gx
+    t = g4 // 4
+    name = "arnn_fwd_f64" if like.dtype == torch.float64 else "arnn_fwd_f32"
+    wt = weight_hh.permute(0, 3, 2, 1).contiguous()  # (D, 2, t, 4t)
+    hid = like.new_empty(b, h, w, d, t).permute(0, 3, 4, 1, 2)  # (B, D, t, H, W), features last
+    cbuf = like.new_empty(d * b, h, w, t)
+    acts = like.new_empty(d * b, h, w, g4)
+
+    args = [*src, *proj, _ptr(wt), _ptr(hid), *_strides(hid), _ptr(cbuf), _ptr(acts),
             ctypes.c_int(b), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(t)]
     _run_blocks(lib, name, args, b, d)
     return hid, cbuf, acts
@@ -362,10 +344,17 @@ def _backward(grad_h, wg, hid, cbuf, acts, overwrite):
 
 
 class _CScan(torch.autograd.Function):
+    """The scan; with ``x``, ``weight``, ``bias`` its gate inputs are computed in the kernel.
+
+    Then ``gx`` is :class:`_GateInputs`' stand-in, and the gradient returned
+    for it reaches ``x`` and the projection through that node.
+    """
+
     @staticmethod
-    def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
-        hid, cbuf, acts = scan_forward(gx, weight_hh)
+    def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor, *projection: torch.Tensor) -> torch.Tensor:
+        hid, cbuf, acts = scan_forward(gx if not projection else None, weight_hh, *projection)
         ctx.save_for_backward(weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts)
+        ctx.n_projection = len(projection)
         return hid
 
     @staticmethod
@@ -374,52 +363,41 @@ class _CScan(torch.autograd.Function):
         wg, hid, cbuf, acts = ctx.saved_tensors
         # When the graph is freed after this backward (no retain_graph, no
         # create_graph), the saved activations may be spent.
-        return _backward(grad_h, wg, hid, cbuf, acts, overwrite=not _graph_kept())
+        grads = _backward(grad_h, wg, hid, cbuf, acts, overwrite=not _graph_kept())
+        return (*grads, *(None,) * ctx.n_projection)
 
 
 class _GateInputs(torch.autograd.Function):
     """The input projection as an autograd node whose output is never stored.
 
     Its output is a zero-stride stand-in for the gate inputs ``(B, D, 4t,
-    H, W)``; :class:`_CScanProjected` computes the real ones in the kernel.
-    Its backward receives their gradient (the scan's) and returns what
+    H, W)``; :class:`_CScan` computes the real ones in the kernel. Its
+    backward receives their gradient (the scan's) and returns what
     ``torch.baddbmm(bias, xin, weight_t)``'s backward returns, by the same
     operations on the same operand layouts, so the numbers are the same.
     """
 
     @staticmethod
-    def forward(ctx, xin: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, b: int, h: int,
-                w: int) -> torch.Tensor:
+    def forward(ctx, xin: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(xin, weight_t)
-        d, g4 = weight_t.shape[0], weight_t.shape[2]
-        return xin.new_zeros(()).expand(b, d, g4, h, w)
+        d, b, h, w, _ = xin.shape
+        return xin.new_zeros(()).expand(b, d, weight_t.shape[2], h, w)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         xin, weight_t = ctx.saved_tensors
-        d, rows, g4 = xin.shape[0], xin.shape[1], weight_t.shape[2]
-        g = grad.permute(1, 0, 3, 4, 2).reshape(d, rows, g4)  # (D, B, H, W, 4t) in memory, as the scan writes it
-        return g.bmm(weight_t.transpose(1, 2)), xin.transpose(1, 2).bmm(g), g.sum(1, keepdim=True), None, None, None
+        d, cin, g4 = weight_t.shape
+        x = xin.view(d, -1, cin)
+        g = grad.permute(1, 0, 3, 4, 2).reshape(d, -1, g4)  # (D, B, H, W, 4t) in memory, as the scan writes it
+        return g.bmm(weight_t.transpose(1, 2)).view(xin.shape), x.transpose(1, 2).bmm(g), g.sum(1, keepdim=True)
 
 
-class _CScanProjected(torch.autograd.Function):
-    """The scan, its gate inputs computed in the kernel from ``x``; gradients go to the stand-in ``gx``."""
-
-    @staticmethod
-    def forward(ctx, gx: torch.Tensor, weight_hh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor) -> torch.Tensor:
-        hid, cbuf, acts = scan_forward_projected(x, weight, bias, weight_hh)
-        ctx.save_for_backward(weight_hh.permute(0, 3, 1, 2).contiguous(), hid, cbuf, acts)
-        return hid
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h: torch.Tensor):
-        wg, hid, cbuf, acts = ctx.saved_tensors
-        dgx, grad_whh = _backward(grad_h, wg, hid, cbuf, acts, overwrite=not _graph_kept())
-        # x, K_x and the bias get theirs through the stand-in's node.
-        return dgx, grad_whh, None, None, None
+def _check_cpu(x: torch.Tensor) -> None:
+    if load() is None:
+        raise RuntimeError("AttentionRNN: the CPU scan kernel is not available (no C compiler?)")
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"AttentionRNN: the CPU scan kernel takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
 
 
 def c_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
@@ -428,32 +406,22 @@ def c_scan(gx: torch.Tensor, weight_hh: torch.Tensor) -> torch.Tensor:
     Shapes as in :func:`arnn_plugins.ops.diagonal_lstm`; raises
     ``RuntimeError`` if the kernel is not available.
     """
-    if load() is None:
-        raise RuntimeError("AttentionRNN: the CPU scan kernel is not available (no C compiler?)")
-    if gx.device.type != "cpu" or gx.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"AttentionRNN: the CPU scan kernel takes float32/float64 CPU tensors, got {gx.dtype} on {gx.device}")
+    _check_cpu(gx)
     return _CScan.apply(gx, weight_hh.to(gx.dtype))
 
 
-def c_scan_projected(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def c_scan_projected(xin: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                      weight_hh: torch.Tensor) -> torch.Tensor:
-    """Input projection and diagonal LSTM scan by the C kernel (CPU, float32/float64, two directions).
+    """Input projection and diagonal LSTM scan by the C kernel (CPU, float32/float64).
 
-    ``x`` ``(B, H, W, Cin)``, ``weight`` ``(2, 4t, Cin)``, ``bias``
-    ``(2, 4t)``, ``weight_hh`` ``(2, 4t, t, 2)``, all of ``x``'s dtype;
-    the second direction scans ``x`` mirrored left to right. Returns ``h``
-    ``(B, 2, t, H, W)``. The autograd graph is the unfused one's (a batched
-    matmul's backward, then the scan's), so the backward needs no more
-    memory than it; only the gate inputs are never stored.
+    ``xin`` ``(D, B, H, W, Cin)`` contiguous, each direction's features in
+    its own scan frame; ``weight`` ``(D, 4t, Cin)``, ``bias`` ``(D, 4t)``,
+    ``weight_hh`` ``(D, 4t, t, 2)``, all of ``xin``'s dtype. Returns ``h``
+    ``(B, D, t, H, W)``, as :func:`c_scan` of ``bias + weight @ xin``
+    laid out as gate inputs. The autograd graph is the unfused one's (a
+    batched matmul's backward, then the scan's), so the backward needs no
+    more memory than it; only the gate inputs are never stored.
     """
-    if load() is None:
-        raise RuntimeError("AttentionRNN: the CPU scan kernel is not available (no C compiler?)")
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"AttentionRNN: the CPU scan kernel takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
-    b, h, w, cin = x.shape
-    # One copy: the stack of the two features-last views is already
-    # (2, B, H, W, Cin) in memory; the kernel reads its first half, the
-    # backward's matmuls the whole.
-    xin = torch.stack([x, x.flip(2)], dim=0).reshape(2, b * h * w, cin)
-    gx = _GateInputs.apply(xin, weight.transpose(1, 2), bias.view(2, 1, -1), b, h, w)
-    return _CScanProjected.apply(gx, weight_hh, xin[0].view(b, h, w, cin), weight.contiguous(), bias.contiguous())
+    _check_cpu(xin)
+    gx = _GateInputs.apply(xin, weight.transpose(1, 2), bias.unsqueeze(1))
+    return _CScan.apply(gx, weight_hh, xin, weight, bias)

@@ -15,18 +15,25 @@ __all__ = ["check_projection", "check_scan"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _floating_tensors(name: str, tensors) -> bool:
+    """Raise ``TypeError`` unless each ``(what, t)`` is a floating point tensor; ``False`` in an FX trace."""
+    for what, t in tensors:
+        if isinstance(t, torch.fx.Proxy):
+            return False  # an FX trace: nothing is known until it runs
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected {what} a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name}: expected a floating point {what}, got dtype {t.dtype}")
+    return True
+
+
 def check_scan(gx, weight_hh, name: str = "diagonal_lstm") -> None:
     """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``gx`` ``(B, D, 4t, H, W)`` fits ``weight_hh`` ``(D, 4t, t, 2)``.
 
     Both must be non-empty floating point tensors on one device; any strides.
     """
-    for what, t in (("gx", gx), ("weight_hh", weight_hh)):
-        if isinstance(t, torch.fx.Proxy):
-            return  # an FX trace: nothing is known until it runs
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected {what} a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name}: expected a floating point {what}, got dtype {t.dtype}")
+    if not _floating_tensors(name, (("gx", gx), ("weight_hh", weight_hh))):
+        return
     if gx.dim() != 5 or gx.shape[2] % 4 or 0 in gx.shape:
         raise ValueError(f"{name}: expected a non-empty gx of shape (B, D, 4t, H, W) (gate count a multiple of "
                          f"4), got shape {tuple(gx.shape)}")
@@ -47,13 +54,8 @@ def check_projection(x, weight, bias, weight_hh, name: str = "projected_lstm") -
     device, any strides.
     """
     tensors = (("x", x), ("weight", weight), ("bias", bias), ("weight_hh", weight_hh))
-    for what, t in tensors:
-        if isinstance(t, torch.fx.Proxy):
-            return
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected {what} a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name}: expected a floating point {what}, got dtype {t.dtype}")
+    if not _floating_tensors(name, tensors):
+        return
     if x.dim() != 4 or 0 in x.shape:
         raise ValueError(f"{name}: expected a non-empty x of shape (B, H, W, Cin), got shape {tuple(x.shape)}")
     if weight.dim() != 3 or weight.shape[0] != 2 or weight.shape[1] % 4 or weight.shape[1] == 0 \

@@ -7,11 +7,10 @@
        c(i, j) = sigmoid(f) c(i, j - 1) + sigmoid(i) tanh(g)
        h(i, j) = sigmoid(o) tanh(c(i, j))
 
-   with zero states outside the image. Given the layer's features x (B, H, W,
-   Cin) instead of gx, the forward computes gx(i, j) = b_x + K_x x(i, j') in
-   the tile itself (j' = j for d = 0, W - 1 - j for d = 1, the mirrored
-   direction), so the gate inputs are never written to memory and read
-   back. On a CPU the scan is sequential
+   with zero states outside the image. Given the layer's features x (B, D,
+   H, W, Cin), each direction's in its own scan frame, instead of gx, the
+   forward computes gx(i, j) = b_x + K_x x(i, j) in the tile itself, so the
+   gate inputs are never written to memory and read back. On a CPU the scan is sequential
    within one image but independent across (direction, batch) pairs, and a
    per-step PyTorch op costs more in dispatch than the arithmetic it does.
    So arnn_fwd_* walks whole sequences s0 <= s < s1 (s = d * B + b) in raster
@@ -91,7 +90,7 @@ static inline float tanh_f32(float x) { return 1.0f - 2.0f / (expf(2.0f * x) + 1
    dimension of gx, x, h and dgx is contiguous, gout's has stride osf. dgx
    may be the acts buffer itself: each cell's activations are read before
    its gradient is written over them. The projection: xin NULL (gx is read)
-   or x with strides xsb, xsi, xsj, wx[d][g][k] = K_x and bx[d][g] its bias.
+   or x with strides xsb, xsd, xsi, xsj, wx[d][g][k] = K_x and bx[d][g] its bias.
 
    Sequences s0 <= s < s1 go in blocks of NB consecutive batch items of one
    direction, which advance together cell by cell: they share the weights,
@@ -305,7 +304,7 @@ static void outer_acc_##SUF(T *dw, const T *hs, long hsj, const T *zs, long zsj,
 }                                                                                  \
                                                                                    \
 int arnn_fwd_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,            \
-                   const T *xin, long xsb, long xsi, long xsj, const T *wx,        \
+                   const T *xin, long xsb, long xsd, long xsi, long xsj, const T *wx, \
                    const T *bx, int cin,                                           \
                    const T *wt, T *h, long hsb, long hsd, long hsi, long hsj,      \
                    T *cbuf, T *acts, int B, int H, int W, int t, int s0, int s1)   \
@@ -333,11 +332,9 @@ int arnn_fwd_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,         
         for (int i = 0; i < H; ++i) {                                              \
             for (int j = 0; j < W; ++j) {                                          \
                 /* Whole tiles (Gp == G): read gx and write acts in place;   */   \
-                /* otherwise through the padded scratch rows. The second     */   \
-                /* direction's projection input is the mirrored image.       */   \
+                /* otherwise through the padded scratch rows.                */   \
                 const T *hu[NB], *hl[NB], *xq[NB], *pq[NB];                        \
                 T *oq[NB];                                                         \
-                const int jx = d == 0 ? j : W - 1 - j;                             \
                 for (int q = 0; q < NB; ++q) {                                     \
                     const int b = b0 + (q < nb ? q : nb - 1);                      \
                     const T *hb = h + b * hsb + d * hsd;                           \
@@ -348,7 +345,7 @@ int arnn_fwd_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,         
                         oq[q] = acts + (((long)(d * B + b) * H + i) * W + j) * G;  \
                     xq[q] = oq[q];                                                 \
                     if (xin) {                                                     \
-                        pq[q] = xin + b * xsb + i * xsi + jx * xsj;                \
+                        pq[q] = xin + b * xsb + d * xsd + i * xsi + j * xsj;       \
                         continue;                                                  \
                     }                                                              \
                     const T *x = gx + b * gsb + d * gsd + i * gsi + j * gsj;       \
@@ -513,13 +510,14 @@ int arnn_openmp(void) { return 0; }
 
 #define DEFINE_PAR(T, SUF)                                                         \
 int arnn_fwd_par_##SUF(const T *gx, long gsb, long gsd, long gsi, long gsj,        \
-                       const T *xin, long xsb, long xsi, long xsj, const T *wx,    \
+                       const T *xin, long xsb, long xsd, long xsi, long xsj,       \
+                       const T *wx,                                                \
                        const T *bx, int cin,                                       \
                        const T *wt, T *h, long hsb, long hsd, long hsi, long hsj,  \
                        T *cbuf, T *acts, int B, int H, int W, int t, int D,        \
                        int nthreads)                                               \
 {                                                                                  \
-    PARALLEL_BLOCKS(arnn_fwd_##SUF(gx, gsb, gsd, gsi, gsj, xin, xsb, xsi, xsj, wx, \
+    PARALLEL_BLOCKS(arnn_fwd_##SUF(gx, gsb, gsd, gsi, gsj, xin, xsb, xsd, xsi, xsj, wx, \
                                    bx, cin, wt, h, hsb, hsd, hsi, hsj, cbuf, acts, \
                                    B, H, W, t, s0, s1))                            \
 }                                                                                  \
